@@ -80,7 +80,7 @@ def _call_matvec(matvec: Callable, v: jax.Array, operand: Any) -> jax.Array:
     return matvec(v)
 
 
-_WRAPPED: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictionary()
+_WRAPPED: weakref.WeakKeyDictionary[Callable, Callable] = weakref.WeakKeyDictionary()
 
 
 def _apply_for(matvec: Callable) -> Callable:
@@ -133,8 +133,9 @@ def as_operator(op: LinearOperator | Callable, dim: int | None = None) -> Linear
             f"the matvec callable must map a vector of shape ({dim},) to shape ({dim},), "
             f"got {getattr(out, 'shape', type(out).__name__)}."
         )
-    return LinearOperator(apply=_apply_for(op), operand=(), dim=dim, dtype=out.dtype,
-                          description="user matvec")
+    return LinearOperator(
+        apply=_apply_for(op), operand=(), dim=dim, dtype=out.dtype, description="user matvec"
+    )
 
 
 def solver_dtype(op_dtype) -> np.dtype:

@@ -22,4 +22,3 @@ def key():
 def rng():
     """A fixed numpy generator."""
     return np.random.default_rng(0)
-
