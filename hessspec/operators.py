@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hessspec.linop import LinearOperator
 
@@ -29,6 +31,7 @@ __all__ = [
     "BatchLayout",
     "DatasetGradient",
     "batch_layout",
+    "example_mesh",
     "dataset_gradient",
     "ggn_operator",
     "hessian_operator",
@@ -95,17 +98,46 @@ def batch_layout(data: Any, batch_size: int | None) -> BatchLayout:
     return BatchLayout(n, batch_size, n // batch_size, n % batch_size)
 
 
-def _split_batches(data: Any, layout: BatchLayout) -> tuple[Any, Any]:
-    """Return (full batches stacked as (num_full_batches, batch_size, ...), ragged remainder)."""
+def example_mesh(devices: Any = None) -> Mesh | None:
+    """A one-axis ``Mesh`` named ``"examples"`` over ``devices`` (default: all of
+    ``jax.devices()``, every process's included), or None for a single device."""
+    devices = jax.devices() if devices is None else list(devices)
+    if len(devices) < 1:
+        raise ValueError("devices is empty: pass None (all devices) or a list of jax devices.")
+    if len(devices) == 1:
+        return None
+    return Mesh(np.array(devices), ("examples",))
+
+
+def _place(array: np.ndarray, mesh: Mesh | None, example_axis: int | None):
+    """Put a host array on the mesh, sharded along ``example_axis`` where the mesh size divides
+    it (data parallel; XLA does the reduction), replicated otherwise."""
+    if mesh is None:
+        return jnp.asarray(array)
+    spec = P()
+    if example_axis is not None and array.shape[example_axis] % mesh.size == 0:
+        spec = P(*([None] * example_axis + ["examples"]))
+    return jax.make_array_from_callback(
+        array.shape, NamedSharding(mesh, spec), lambda index: array[index]
+    )
+
+
+def _split_batches(data: Any, layout: BatchLayout, mesh: Mesh | None) -> tuple[Any, Any]:
+    """Return (full batches stacked as (num_full_batches, batch_size, ...), ragged remainder),
+    each sharded over ``mesh`` along its example axis."""
     cut = layout.num_full_batches * layout.batch_size
 
     def full(a):
-        a = jnp.asarray(a)
-        return a[:cut].reshape((layout.num_full_batches, layout.batch_size) + a.shape[1:])
+        a = np.asarray(a)[:cut]
+        return _place(
+            a.reshape((layout.num_full_batches, layout.batch_size) + a.shape[1:]), mesh, 1
+        )
 
-    full_batches = jax.tree_util.tree_map(full, data)
+    full_batches = jax.tree_util.tree_map(full, data) if layout.num_full_batches else None
     remainder = (
-        jax.tree_util.tree_map(lambda a: jnp.asarray(a)[cut:], data) if layout.remainder else None
+        jax.tree_util.tree_map(lambda a: _place(np.asarray(a)[cut:], mesh, 0), data)
+        if layout.remainder
+        else None
     )
     return full_batches, remainder
 
@@ -147,7 +179,7 @@ class _Prepared(NamedTuple):
     first_batch: Any
 
 
-def _prepare(params: Any, data: Any, batch_size: int | None) -> _Prepared:
+def _prepare(params: Any, data: Any, batch_size: int | None, devices: Any) -> _Prepared:
     flat_params, unravel = ravel_pytree(params)
     if flat_params.size == 0:
         raise ValueError("params has no entries: nothing to differentiate.")
@@ -156,7 +188,9 @@ def _prepare(params: Any, data: Any, batch_size: int | None) -> _Prepared:
     _check_finite(params, "parameters")
     _check_finite(data, "data")
     layout = batch_layout(data, batch_size)
-    full_batches, remainder = _split_batches(data, layout)
+    mesh = example_mesh(devices)
+    full_batches, remainder = _split_batches(data, layout, mesh)
+    flat_params = _place(np.asarray(flat_params), mesh, None)
     if layout.num_full_batches:
         first = jax.tree_util.tree_map(lambda a: a[0], full_batches)
     else:
@@ -208,6 +242,8 @@ def hessian_operator(
     params: Any,
     data: Any,
     batch_size: int | None = None,
+    *,
+    devices: Any = None,
 ) -> LinearOperator:
     """The Hessian of the dataset-mean loss as a matrix-free :class:`LinearOperator`.
 
@@ -224,6 +260,10 @@ def hessian_operator(
             ``ravel_pytree``, whose order ``op.ravel`` / ``op.unravel`` follow.
         data: pytree of arrays whose leading axis indexes the N examples.
         batch_size: examples per batch (memory bound of one HVP); None = one batch of all N.
+        devices: devices to run on, data parallel: each batch is sharded over a one-axis
+            ``Mesh("examples")`` (where the device count divides the batch; replicated
+            otherwise) and XLA inserts the cross-device reduction. None = all of
+            ``jax.devices()``, across every process after ``jax.distributed.initialize``.
 
     Returns:
         LinearOperator with ``matvec(v) -> H v`` for ``v`` of shape ``(dim,)``, ``dim`` =
@@ -234,7 +274,7 @@ def hessian_operator(
         ValueError: loss not a scalar, data leaves that disagree on N, bad batch_size,
             NaN/Inf in params or data.
     """
-    prep = _prepare(params, data, batch_size)
+    prep = _prepare(params, data, batch_size, devices)
     _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
     unravel, layout = prep.unravel, prep.layout
 
@@ -269,6 +309,8 @@ def ggn_operator(
     params: Any,
     data: Any,
     batch_size: int | None = None,
+    *,
+    devices: Any = None,
 ) -> LinearOperator:
     """The generalized Gauss-Newton ``G = sum_b (|b|/N) J_b^T H_out,b J_b`` as an operator.
 
@@ -282,12 +324,12 @@ def ggn_operator(
     Args:
         model_fn: ``model_fn(params, batch) -> outputs`` (any array or pytree of arrays).
         output_loss_fn: ``output_loss_fn(outputs, batch) -> scalar`` MEAN loss over the batch.
-        params, data, batch_size: as in :func:`hessian_operator`.
+        params, data, batch_size, devices: as in :func:`hessian_operator`.
 
     Returns:
         LinearOperator for ``G`` on flat parameter vectors.
     """
-    prep = _prepare(params, data, batch_size)
+    prep = _prepare(params, data, batch_size, devices)
     _check_scalar_loss(
         lambda p, b: output_loss_fn(model_fn(p, b), b), params, prep.first_batch, "output_loss_fn"
     )
@@ -339,13 +381,15 @@ def dataset_gradient(
     params: Any,
     data: Any,
     batch_size: int | None = None,
+    *,
+    devices: Any = None,
 ) -> DatasetGradient:
     """Loss and flat gradient of the dataset mean, batched exactly as :func:`hessian_operator`.
 
     The gradient is the one whose Hessian :func:`hessian_operator` returns for the same
     ``batch_size``, so gradient-energy fractions use consistent objects.
     """
-    prep = _prepare(params, data, batch_size)
+    prep = _prepare(params, data, batch_size, devices)
     _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
     unravel, layout = prep.unravel, prep.layout
 
