@@ -140,7 +140,8 @@ def as_operator(op: LinearOperator | Callable, dim: int | None = None) -> Linear
 
 def solver_dtype(op_dtype) -> np.dtype:
     """dtype for Krylov bases and tridiagonals: float64 whenever x64 is enabled (mixed
-    precision for float32 operators), otherwise the operator's dtype. Never flips the flag."""
+    precision for float32 operators), otherwise float32 (also for float16/bfloat16 operators,
+    whose few mantissa bits cannot hold an orthonormal basis). Never flips the flag."""
     if jax.config.jax_enable_x64:
         return np.dtype(np.float64)
-    return np.dtype(op_dtype)
+    return np.promote_types(np.dtype(op_dtype), np.float32)

@@ -1,0 +1,157 @@
+"""Stochastic Lanczos quadrature against exact eigenvalue distributions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from reference import matrix_with_spectrum
+from scipy.stats import wasserstein_distance
+
+import hessspec as hs
+from hessspec.density import ghorbani_sigma
+
+N = 300
+PROBES, STEPS = 10, 80  # one (probes, steps, dim) shape: one compilation of the SLQ program
+
+
+def _dense_apply(v, a):
+    return a @ v
+
+
+def dense_op(a):
+    a = jnp.asarray(a, dtype=jnp.float64)
+    return hs.LinearOperator(apply=_dense_apply, operand=a, dim=a.shape[0], dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def outlier_matrix():
+    rng = np.random.default_rng(0)
+    spec = np.concatenate([[40.0, 25.0, 15.0, 10.0, 6.0], rng.normal(0.0, 0.5, N - 5)])
+    a, ev, _ = matrix_with_spectrum(spec)
+    return a, ev
+
+
+def test_slq_matches_exact_spectrum(outlier_matrix):
+    a, ev = outlier_matrix
+    sd = hs.spectral_density(dense_op(a), num_probes=PROBES, num_steps=STEPS)
+    assert sd.nodes.shape == sd.weights.shape == (PROBES, STEPS)
+    np.testing.assert_allclose(sd.weights.sum(axis=1), 1.0, atol=1e-12)
+    assert np.all(sd.weights >= 0) and np.all(sd.num_steps_done == STEPS)
+    points, masses = sd.quadrature()
+    spectral_range = ev[-1] - ev[0]
+    w1 = wasserstein_distance(points, ev, u_weights=masses)
+    assert w1 <= 0.01 * spectral_range, w1 / spectral_range
+    # the extreme nodes converge to the extreme eigenvalues
+    np.testing.assert_allclose([sd.lambda_min, sd.lambda_max], [ev[0], ev[-1]], rtol=1e-8)
+
+    sigma = sd.default_sigma
+    assert sigma == pytest.approx(np.sqrt(1e-5 * (sd.lambda_max - sd.lambda_min)))
+    assert ghorbani_sigma(0.0, 0.5) == pytest.approx(np.sqrt(1e-5))  # floor max(1, range)
+    grid = np.linspace(sd.lambda_min - 10 * sigma, sd.lambda_max + 10 * sigma, 40001)
+    dens = sd.density(grid)
+    assert dens.shape == grid.shape and np.all(dens >= 0)
+    assert np.trapezoid(dens, grid) == pytest.approx(1.0, abs=1e-6)
+    wide_grid = np.linspace(sd.lambda_min - 5.0, sd.lambda_max + 5.0, 4001)
+    wide = sd.density(wide_grid, sigma=0.5)
+    assert np.trapezoid(wide, wide_grid) == pytest.approx(1.0, abs=1e-6)
+    # the mean of the density is the SLQ estimate of tr(A) / n
+    assert np.trapezoid(grid * dens, grid) == pytest.approx(np.sum(points * masses), rel=1e-6)
+
+
+def test_breakdown_gives_zero_weight_padding():
+    """Three distinct eigenvalues: every probe's Krylov space is 3-dimensional, so the
+    quadrature is exact with 3 nodes and the other slots get weight 0 (not garbage)."""
+    a, _, q = matrix_with_spectrum(np.repeat([-2.0, 1.0, 3.0], [150, 100, 50]), seed=1)
+    sd = hs.spectral_density(dense_op(a), num_probes=PROBES, num_steps=STEPS)
+    np.testing.assert_array_equal(sd.num_steps_done, 3)
+    np.testing.assert_allclose(sd.nodes[:, :3], np.tile([-2.0, 1.0, 3.0], (PROBES, 1)), atol=1e-12)
+    np.testing.assert_array_equal(sd.weights[:, 3:], 0.0)
+    assert np.all(sd.nodes[:, 3:] == sd.nodes[:, 2:3])  # padding repeats the largest node
+    np.testing.assert_allclose(sd.weights.sum(axis=1), 1.0, atol=1e-12)
+    assert np.all(np.isfinite(sd.nodes)) and (sd.lambda_min, sd.lambda_max) == pytest.approx(
+        (-2.0, 3.0)
+    )
+    # mass on each eigenvalue ~ its multiplicity / n (Rademacher probes, 10 of them)
+    np.testing.assert_allclose(sd.weights[:, :3].mean(axis=0), [0.5, 1 / 3, 1 / 6], atol=0.03)
+
+
+def test_full_krylov_space_is_exact():
+    n = 12
+    a, ev, q = matrix_with_spectrum(np.linspace(-1.0, 2.0, n), seed=2)
+    sd = hs.spectral_density(lambda v: jnp.asarray(a) @ v, num_probes=2, num_steps=n, dim=n)
+    np.testing.assert_allclose(sd.nodes, np.tile(ev, (2, 1)), atol=1e-12)
+    probes = np.asarray(jax.random.rademacher(jax.random.key(0), (2, n), dtype=jnp.float64))
+    np.testing.assert_allclose(sd.weights, (probes @ q) ** 2 / n, atol=1e-12)
+
+
+def test_gaussian_quadrature_against_dense_eigh():
+    rng = np.random.default_rng(3)
+    alphas, betas = rng.normal(size=(2, 6)), np.abs(rng.normal(size=(2, 5)))
+    nodes, weights = hs.gaussian_quadrature(alphas, betas)
+    for p in range(2):
+        t = np.diag(alphas[p]) + np.diag(betas[p], 1) + np.diag(betas[p], -1)
+        tau, u = np.linalg.eigh(t)
+        np.testing.assert_allclose(nodes[p], tau, atol=1e-12)
+        np.testing.assert_allclose(weights[p], u[0] ** 2, atol=1e-12)
+    # breakdown after 4 and 1 steps: only the leading block counts
+    nodes, weights = hs.gaussian_quadrature(alphas, betas, num_steps_done=[4, 1])
+    tau = scipy.linalg.eigvalsh_tridiagonal(alphas[0, :4], betas[0, :3])
+    np.testing.assert_allclose(nodes[0, :4], tau, atol=1e-12)
+    np.testing.assert_array_equal(nodes[0, 4:], tau[-1])
+    np.testing.assert_array_equal(weights[:, 4:], 0.0)
+    assert nodes[1, 0] == alphas[1, 0] and weights[1, 0] == 1.0
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-12)
+    with pytest.raises(ValueError, match="shapes"):
+        hs.gaussian_quadrature(alphas, betas[:, :3])
+
+
+def test_probe_batches_and_no_recompilation(outlier_matrix):
+    a, _ = outlier_matrix
+    a = jnp.asarray(a)
+    traces = []
+
+    def matvec(v):
+        traces.append(1)  # runs only while jax traces
+        return a @ v
+
+    op = hs.as_operator(matvec, dim=N)
+    traces.clear()
+    first = hs.spectral_density(op, num_probes=PROBES, num_steps=STEPS)
+    count = len(traces)
+    second = hs.spectral_density(op, num_probes=PROBES, num_steps=STEPS, key=jax.random.key(1))
+    assert len(traces) == count, "a second call on the same operator recompiled"
+    assert not np.allclose(first.nodes, second.nodes)  # a different key, different probes
+    chunked = hs.spectral_density(op, num_probes=PROBES, num_steps=STEPS, probe_batch_size=4)
+    np.testing.assert_allclose(chunked.nodes, first.nodes, atol=1e-10)
+    np.testing.assert_allclose(chunked.weights, first.weights, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_steps": N + 1}, "num_steps=301 exceeds the operator's dim=300"),
+        ({"num_probes": 0}, "num_probes=0 must be at least 1"),
+        ({"num_steps": 0}, "num_steps=0 must be at least 1"),
+        ({"probe_batch_size": 0}, "probe_batch_size=0 must be positive"),
+    ],
+)
+def test_spectral_density_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hs.spectral_density(dense_op(np.eye(N)), **kwargs)
+
+
+def test_density_errors_and_nan_matvec(outlier_matrix):
+    a = np.array(outlier_matrix[0])
+    sd = hs.gaussian_quadrature(np.ones((1, 1)), np.ones((1, 0)))
+    assert sd[1][0, 0] == 1.0
+    a[0, 5] = np.nan
+    with pytest.raises(FloatingPointError, match="Hessian-vector product .* not finite"):
+        hs.spectral_density(dense_op(a), num_probes=PROBES, num_steps=STEPS)
+    dens = hs.SpectralDensity(
+        nodes=np.zeros((1, 2)), weights=np.array([[1.0, 0.0]]), num_steps_done=np.ones(1), dim=2
+    )
+    with pytest.raises(ValueError, match="sigma"):
+        dens.density(np.zeros(3), sigma=0.0)
+    with pytest.raises(ValueError, match="1-D"):
+        dens.density(np.zeros((3, 2)))

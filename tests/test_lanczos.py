@@ -1,0 +1,235 @@
+"""Lanczos (tridiagonalization, extreme eigenpairs) against numpy.linalg.eigh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from reference import matrix_with_spectrum
+
+import hessspec as hs
+from hessspec.lanczos import breakdown_tolerance, default_tolerance
+
+N = 200
+M = 30  # one basis size for most tests: one compilation of the Lanczos loop
+
+
+def _dense_apply(v, a):
+    return a @ v
+
+
+def dense_op(a, dtype=np.float64):
+    """A LinearOperator for a dense matrix; module-level apply so compilations are shared."""
+    a = jnp.asarray(a, dtype=dtype)
+    return hs.LinearOperator(apply=_dense_apply, operand=a, dim=a.shape[0], dtype=dtype)
+
+
+def outliers_and_bulk(seed=0):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([[50.0, 30.0, 20.0, 12.0, 8.0], rng.uniform(-1.0, 1.0, N - 5)])
+
+
+def assert_pairs_match(res, a, ref_values, ref_vectors, rel=1e-8):
+    """values to ``rel``, vectors up to sign, residuals recomputed, orthonormal rows."""
+    k = ref_values.size
+    scale = np.max(np.abs(np.linalg.eigvalsh(a)))
+    np.testing.assert_allclose(res.values, ref_values, rtol=0, atol=rel * scale)
+    vecs = np.asarray(res.vectors)
+    assert vecs.shape == (k, a.shape[0]) and vecs.dtype == np.float64
+    overlaps = np.abs(np.sum(vecs * ref_vectors.T, axis=1))
+    assert np.all(overlaps >= 1 - 1e-8), overlaps
+    recomputed = np.linalg.norm(vecs @ a - res.values[:, None] * vecs, axis=1)
+    np.testing.assert_allclose(res.residuals, recomputed, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(vecs @ vecs.T, np.eye(k), rtol=0, atol=1e-12)
+    assert res.converged.dtype == bool and np.all(res.converged)
+
+
+def test_largest_outliers_over_bulk():
+    a, ev, q = matrix_with_spectrum(outliers_and_bulk())
+    res = hs.top_eigenpairs(dense_op(a), 5, num_steps=M)
+    assert_pairs_match(res, a, ev[::-1][:5], q[:, ::-1][:, :5])
+    assert np.all(res.residuals <= 1e-6 * 50.0)
+    assert res.num_matvecs >= M
+
+
+def test_smallest_and_largest_of_indefinite():
+    rng = np.random.default_rng(1)
+    spec = np.concatenate(
+        [[60.0, 35.0, -30.0, -20.0, -12.0, -9.0, -6.0], rng.uniform(-1, 1, N - 7)]
+    )
+    a, ev, q = matrix_with_spectrum(spec, seed=1)
+    op = dense_op(a)
+    low = hs.top_eigenpairs(op, 5, num_steps=M, which="smallest")
+    np.testing.assert_array_equal(low.values, np.sort(low.values))  # most negative first
+    assert_pairs_match(low, a, ev[:5], q[:, :5])
+    high = hs.top_eigenpairs(op, 5, num_steps=M, which="largest")
+    assert_pairs_match(high, a, ev[::-1][:5], q[:, ::-1][:, :5])
+    np.testing.assert_allclose(high.values[:2], [60.0, 35.0], rtol=1e-12)
+
+
+def test_near_degenerate_clusters():
+    rng = np.random.default_rng(2)
+    cluster = [20.0, 20.0 - 2e-4, 20.0 - 4e-4, 10.0, 10.0 - 1e-4]
+    a, ev, q = matrix_with_spectrum(np.concatenate([cluster, rng.uniform(0, 1, N - 5)]), seed=2)
+    res = hs.top_eigenpairs(dense_op(a), 5, num_steps=M, tol=1e-11)
+    assert_pairs_match(res, a, ev[::-1][:5], q[:, ::-1][:, :5])
+
+
+def test_exact_multiplicity_is_found():
+    """[10, 10, 10, 9] over a bulk: one start vector sees one direction of the 10-eigenspace;
+    the verification/restart cycles must still find all three copies."""
+    rng = np.random.default_rng(3)
+    a, ev, q = matrix_with_spectrum(
+        np.concatenate([[10.0, 10.0, 10.0, 9.0], rng.uniform(0, 1, N - 4)]), seed=3
+    )
+    res = hs.top_eigenpairs(dense_op(a), 5, num_steps=M)
+    np.testing.assert_allclose(res.values[:4], [10.0, 10.0, 10.0, 9.0], rtol=1e-12)
+    vecs = np.asarray(res.vectors)
+    top = q[:, -3:]  # the 10-eigenspace
+    np.testing.assert_allclose(vecs[:3].T @ vecs[:3], top @ top.T, atol=1e-8)
+    assert abs(vecs[3] @ q[:, -4]) >= 1 - 1e-8
+
+
+def test_breakdown_three_distinct_eigenvalues():
+    a, _, q = matrix_with_spectrum(np.repeat([3.0, 1.0, -2.0], [70, 65, 65]), seed=4)
+    op = dense_op(a)
+    lz = hs.lanczos_tridiag(op.apply, op.operand, jnp.ones(N), M, op.dtype)
+    assert int(lz.num_steps_done) == 3
+    for arr in lz:
+        assert np.all(np.isfinite(np.asarray(arr)))
+    np.testing.assert_array_equal(np.asarray(lz.alphas[3:]), 0.0)
+    np.testing.assert_array_equal(np.asarray(lz.betas[2:]), 0.0)
+    np.testing.assert_array_equal(np.asarray(lz.basis[3:]), 0.0)
+    basis = np.asarray(lz.basis[:3])
+    np.testing.assert_allclose(basis @ basis.T, np.eye(3), atol=1e-13)
+    t = np.diag(lz.alphas[:3]) + np.diag(lz.betas[:2], 1) + np.diag(lz.betas[:2], -1)
+    np.testing.assert_allclose(np.linalg.eigvalsh(t), [-2.0, 1.0, 3.0], atol=1e-12)
+
+    # top-5 needs five copies of 3: random restarts after each breakdown reach them
+    res = hs.top_eigenpairs(op, 5, num_steps=M)
+    np.testing.assert_allclose(res.values, 3.0, rtol=1e-12)
+    vecs = np.asarray(res.vectors)
+    np.testing.assert_allclose(vecs @ vecs.T, np.eye(5), atol=1e-12)
+    eigenspace = q[:, -70:]
+    np.testing.assert_allclose(np.linalg.norm(vecs @ eigenspace, axis=1), 1.0, atol=1e-10)
+    low = hs.top_eigenpairs(op, 5, num_steps=M, which="smallest")
+    np.testing.assert_allclose(low.values, -2.0, rtol=1e-12)
+
+
+def test_start_vector_in_invariant_subspace():
+    a, ev, q = matrix_with_spectrum(outliers_and_bulk(5), seed=5)
+    op = dense_op(a)
+    v0 = q[:, 0] + 2.0 * q[:, -1]
+    lz = hs.lanczos_tridiag(op.apply, op.operand, v0, M, op.dtype)
+    assert int(lz.num_steps_done) == 2
+    t = np.array([[lz.alphas[0], lz.betas[0]], [lz.betas[0], lz.alphas[1]]])
+    np.testing.assert_allclose(np.linalg.eigvalsh(t), [ev[0], ev[-1]], atol=1e-12)
+    assert np.all(np.isfinite(np.asarray(lz.basis)))
+    # a zero start vector: nothing to do, no NaN
+    lz0 = hs.lanczos_tridiag(op.apply, op.operand, np.zeros(N), M, op.dtype)
+    assert int(lz0.num_steps_done) == 0 and np.all(np.asarray(lz0.alphas) == 0)
+
+
+def test_full_space_and_tiny_dims():
+    for n in (1, 6):
+        a, ev, q = matrix_with_spectrum(np.linspace(-3.0, 4.0, n), seed=n)
+        op = dense_op(a)
+        lz = hs.lanczos_tridiag(op.apply, op.operand, np.ones(n), n, op.dtype)
+        d = int(lz.num_steps_done)
+        t = np.diag(lz.alphas[:d]) + np.diag(lz.betas[: d - 1], 1) + np.diag(lz.betas[: d - 1], -1)
+        np.testing.assert_allclose(np.linalg.eigvalsh(t), ev, atol=1e-12)
+        for which, ref, refq in (("largest", ev[::-1], q[:, ::-1]), ("smallest", ev, q)):
+            res = hs.top_eigenpairs(op, n, which=which)  # k == dim: the whole space, exact
+            assert_pairs_match(res, a, ref, refq, rel=1e-12)
+
+
+def test_float32_operator_runs_lanczos_in_float64():
+    a, ev, _ = matrix_with_spectrum(outliers_and_bulk(6), seed=6)
+    seen = []
+
+    def apply32(v, m):
+        seen.append(v.dtype)
+        return m @ v
+
+    op = hs.LinearOperator(
+        apply=apply32, operand=jnp.asarray(a, jnp.float32), dim=N, dtype=np.float32
+    )
+    lz = hs.lanczos_tridiag(op.apply, op.operand, np.ones(N, np.float32), 10, op.dtype)
+    assert lz.basis.dtype == jnp.float64 and lz.alphas.dtype == jnp.float64
+    basis = np.asarray(lz.basis)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(10), atol=1e-14)  # float64-orthonormal
+    res = hs.top_eigenpairs(op, 5, num_steps=M)
+    assert res.vectors.dtype == jnp.float64
+    assert set(seen) == {np.dtype(np.float32)}  # the matvec itself stays float32
+    np.testing.assert_allclose(res.values, ev[::-1][:5], rtol=1e-5)
+    assert np.all(res.residuals <= default_tolerance(np.float32) * 50.0)
+    assert default_tolerance(np.float32) == 1e-3 and default_tolerance(np.float64) == 1e-6
+    assert breakdown_tolerance(np.float64) < breakdown_tolerance(np.float32)
+
+
+def test_nonconvergence_warns_and_flags_pairs():
+    a, _, _ = matrix_with_spectrum(np.random.default_rng(7).uniform(0, 1, N), seed=7)
+    with pytest.warns(hs.LanczosConvergenceWarning, match=r"pairs \(index \d+, value .*residual"):
+        res = hs.top_eigenpairs(dense_op(a), 5, num_steps=8, max_restarts=0)
+    assert not np.all(res.converged)
+    assert res.converged.shape == (5,) and np.all(np.isfinite(res.residuals))
+    assert res.num_matvecs == 8 + 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 0}, "k=0 must be at least 1"),
+        ({"k": N + 1}, "exceeds the operator's dim"),
+        ({"k": 5, "num_steps": N + 1}, "num_steps=201 exceeds dim"),
+        ({"k": 5, "num_steps": 4}, "must exceed k"),
+        ({"k": 5, "num_steps": 5}, "must exceed k"),
+        ({"k": 5, "which": "top"}, "must be 'largest' or 'smallest'"),
+        ({"k": 5, "tol": 0.0}, "tol=0.0 must be positive"),
+    ],
+)
+def test_top_eigenpairs_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hs.top_eigenpairs(dense_op(np.eye(N)), **kwargs)
+
+
+def test_lanczos_tridiag_errors():
+    op = dense_op(np.eye(4))
+    with pytest.raises(ValueError, match="num_steps <= dim"):
+        hs.lanczos_tridiag(op.apply, op.operand, np.ones(4), 5, op.dtype)
+    with pytest.raises(ValueError, match="flat vector"):
+        hs.lanczos_tridiag(op.apply, op.operand, np.ones((4, 1)), 2, op.dtype)
+
+
+def test_nan_matvec_raises():
+    a = np.eye(N)
+    a[3, 7] = np.nan
+    with pytest.raises(FloatingPointError, match="Hessian-vector product .* not finite"):
+        hs.top_eigenpairs(dense_op(a), 5, num_steps=M)
+    a[3, 7] = np.inf
+    with pytest.raises(FloatingPointError, match="parameters and the data for NaN/Inf"):
+        hs.top_eigenpairs(dense_op(a), 5, num_steps=M)
+
+
+def test_plain_callable_reproducible_and_no_recompilation():
+    a, ev, _ = matrix_with_spectrum(outliers_and_bulk(8), seed=8)
+    a = jnp.asarray(a)
+    traces = []
+
+    def matvec(v):
+        traces.append(1)  # runs only while jax traces
+        return a @ v
+
+    op = hs.as_operator(matvec, dim=N)
+    traces.clear()
+    first = hs.top_eigenpairs(op, 5, num_steps=M)
+    count = len(traces)
+    assert count >= 1
+    again = hs.top_eigenpairs(op, 5, num_steps=M)
+    other = hs.top_eigenpairs(op, 5, num_steps=M, key=jax.random.key(42))
+    assert len(traces) == count, "a second call on the same operator recompiled"
+    np.testing.assert_array_equal(first.values, again.values)  # key=None is a fixed key
+    np.testing.assert_allclose(other.values, ev[::-1][:5], rtol=1e-10)
+    # plain callable with dim= and chunked residual matvecs
+    direct = hs.top_eigenpairs(matvec, 5, num_steps=M, dim=N, matvec_batch_size=2)
+    np.testing.assert_allclose(direct.values, first.values, rtol=1e-13)
+    np.testing.assert_allclose(direct.residuals, first.residuals, rtol=1e-6, atol=1e-13)
