@@ -144,4 +144,4 @@ def solver_dtype(op_dtype) -> np.dtype:
     whose few mantissa bits cannot hold an orthonormal basis). Never flips the flag."""
     if jax.config.jax_enable_x64:
         return np.dtype(np.float64)
-    return np.promote_types(np.dtype(op_dtype), np.float32)
+    return np.dtype(jnp.promote_types(op_dtype, jnp.float32))

@@ -1,0 +1,446 @@
+"""From a flax.nnx model to a pure loss ``loss_fn(params, batch) -> scalar``.
+
+:func:`make_objective` splits a model with the nnx functional API into
+
+- ``params``: the ``nnx.Param`` leaves, as a plain nested dict of arrays
+  (``nnx.to_pure_dict``): the variables that are differentiated. Any pytree tool applies:
+  ``jax.flatten_util.ravel_pytree(obj.params)``, optax, ``jax.tree.map``;
+- ``stats``: the ``nnx.BatchStat`` leaves (BatchNorm means and variances), as a plain
+  nested dict: constants of the objective, never differentiated, never updated by it;
+- ``rest``: any other state (RNG streams), a plain nested dict;
+- ``graphdef``: the static structure, with the BatchNorm mode baked in.
+
+and returns ``loss_fn(params, batch)``: the MEAN loss over the examples of
+``batch = {"x": (B, ...), "y": (B,)}``, a pure function that rebuilds the model with
+``nnx.merge(graphdef, params, stats, rest)`` at every call. The model given is never
+mutated.
+
+BatchNorm modes (DESIGN.md), chosen explicitly, never switched silently:
+
+- ``"train"``: every call normalises with the statistics of the batch it is given (the
+  function SGD descends). The loss does then not separate over examples. The running
+  averages are not updated (the update happens on a throw-away copy);
+- ``"eval"``: the running averages stored in the model;
+- ``"population"``: statistics recomputed exactly over ``population_data`` by
+  :func:`population_statistics`, then frozen.
+
+Noise of :class:`hessspec.models.NoisyBatchNorm` (and dropout) is always off inside an
+objective, whatever the mode: the loss is deterministic. The objective also computes the
+BN variance with the exact two-pass formula (``use_fast_variance=False``), which is the
+same function as flax's one-pass formula, with fewer rounding errors.
+
+Getting a model back (e.g. after training the params)::
+
+    model = obj.to_model(new_params)            # the objective's BN mode
+    model = nnx.merge(obj.graphdef, new_params, obj.stats, obj.rest)   # the same
+    with_params(original_model, new_params)     # write params into a model, in place
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hessspec.models import BatchNorm, batchnorm_layers, record_input_stats
+
+__all__ = [
+    "BN_MODES",
+    "LOSSES",
+    "Objective",
+    "make_objective",
+    "output_loss",
+    "population_statistics",
+    "with_params",
+]
+
+BN_MODES = ("train", "eval", "population")
+LOSSES = ("cross_entropy", "mse")
+
+
+class Objective(NamedTuple):
+    """A model turned into pure functions of its parameters, with a fixed BatchNorm mode.
+
+    Attributes:
+        loss_fn: ``(params, batch) -> ()`` scalar mean loss over the ``B`` examples of
+            ``batch = {"x": (B, ...), "y": (B,) or (B, K)}``. Equal to
+            ``output_loss_fn(logits_fn(params, batch["x"]), batch)``.
+        logits_fn: ``(params, x) -> (B, K)`` model outputs in the same BN mode (in
+            ``"train"`` mode the statistics are those of ``x``); for Gauss-Newton operators.
+        output_loss_fn: ``(logits, batch) -> ()`` the mean loss as a function of the
+            outputs (see :func:`output_loss`).
+        params: nested dict of arrays, the ``nnx.Param`` state (pure dict).
+        bn_mode: ``"train"``, ``"eval"``, ``"population"``, or None for a model without BN.
+        graphdef: ``nnx.GraphDef`` of the model with the mode baked in.
+        stats: nested dict of arrays, the ``nnx.BatchStat`` state (``{}`` without BN); for
+            ``"population"`` the recomputed statistics.
+        rest: nested dict of the remaining state (RNG streams), often ``{}``.
+        loss: ``"cross_entropy"`` or ``"mse"``.
+    """
+
+    loss_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array]
+    logits_fn: Callable[[Any, jax.Array], jax.Array]
+    output_loss_fn: Callable[[jax.Array, Mapping[str, jax.Array]], jax.Array]
+    params: Any
+    bn_mode: str | None
+    graphdef: Any
+    stats: Any
+    rest: Any
+    loss: str
+
+    def to_model(self, params=None, stats=None) -> nnx.Module:
+        """A fresh model ``nnx.merge(graphdef, params, stats, rest)`` in this objective's BN
+        mode (noise off); ``params``/``stats`` default to the objective's."""
+        return nnx.merge(
+            self.graphdef,
+            self.params if params is None else params,
+            self.stats if stats is None else stats,
+            self.rest,
+        )
+
+
+def output_loss(logits: jax.Array, batch: Mapping[str, jax.Array], loss: str) -> jax.Array:
+    """Mean loss of outputs ``logits`` ``(B, K)`` against ``batch["y"]``.
+
+    - ``"cross_entropy"``: :math:`\\frac1B \\sum_i -\\log \\mathrm{softmax}(z_i)_{y_i}`,
+      integer labels ``(B,)`` in ``[0, K)``;
+    - ``"mse"``: :math:`\\frac{1}{2B} \\sum_i \\sum_k (z_{ik} - t_{ik})^2` with
+      :math:`t_i` the one-hot vector of :math:`y_i` for integer labels, else the raw
+      targets: ``(B,)`` (then ``K == 1``) or ``(B, K)``.
+
+    Returns:
+        A scalar, shape ``()``.
+    """
+    logits = jnp.asarray(logits)
+    y = jnp.asarray(batch["y"])
+    if logits.ndim != 2:
+        raise ValueError(f"the model outputs must have shape (B, K), got {logits.shape}.")
+    b, k = logits.shape
+    if y.shape[:1] != (b,):
+        raise ValueError(f"batch['y'] must have leading size {b} (the batch), got {y.shape}.")
+    integer = jnp.issubdtype(y.dtype, jnp.integer)
+    if loss == "cross_entropy":
+        if not integer or y.ndim != 1:
+            raise ValueError(
+                "loss='cross_entropy' needs integer class labels of shape (B,), got "
+                f"{y.dtype} {y.shape}; for regression targets use loss='mse'."
+            )
+        value = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    elif loss == "mse":
+        if integer:
+            if y.ndim != 1:
+                raise ValueError(f"integer labels must have shape (B,), got {y.shape}.")
+            targets = jax.nn.one_hot(y, k, dtype=logits.dtype)
+        elif y.ndim == 1 and k == 1:
+            targets = y[:, None].astype(logits.dtype)
+        elif y.shape == logits.shape:
+            targets = y.astype(logits.dtype)
+        else:
+            raise ValueError(
+                f"loss='mse': regression targets of shape {y.shape} do not match the model "
+                f"outputs {logits.shape} (use (B,) targets with one output, or (B, K))."
+            )
+        value = 0.5 * jnp.sum(jnp.square(logits - targets), axis=-1).mean()
+    else:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}.")
+    if value.shape != ():
+        raise ValueError(f"the loss must be a scalar, got shape {value.shape}.")
+    return value
+
+
+def _check_batch(batch) -> None:
+    if not isinstance(batch, Mapping) or "x" not in batch or "y" not in batch:
+        raise TypeError(
+            'a batch must be a mapping {"x": inputs (B, ...), "y": targets (B,)}; '
+            f"got {type(batch).__name__}"
+            + (f" with keys {list(batch)}" if isinstance(batch, Mapping) else "")
+        )
+
+
+def _inputs_of(data) -> Any:
+    """Inputs ``x`` of a Dataset, a ``{"x": ...}`` mapping, or an array."""
+    if hasattr(data, "x") and hasattr(data, "y"):
+        return data.x
+    if isinstance(data, Mapping):
+        if "x" not in data:
+            raise TypeError(f"population data mapping needs an 'x' entry, got keys {list(data)}.")
+        return data["x"]
+    return data
+
+
+# --------------------------------------------------------------------------------------
+# Population statistics
+# --------------------------------------------------------------------------------------
+
+_RECORDING_CLASSES: dict[type, type] = {}
+
+
+def _recording_class(cls: type) -> type:
+    """A subclass of a foreign ``nnx.BatchNorm`` class that records its input statistics."""
+    if cls not in _RECORDING_CLASSES:
+
+        def __call__(self, x, *args, mask=None, **kwargs):
+            if getattr(self, "record_input_stats", False):
+                record_input_stats(self, x, mask)
+            return cls.__call__(self, x, *args, mask=mask, **kwargs)
+
+        _RECORDING_CLASSES[cls] = type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
+    return _RECORDING_CLASSES[cls]
+
+
+def _private_copy(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` that shares no array with it, every leaf a jax array (numpy
+    leaves would be shared by ``nnx.clone`` and written in place by BatchNorm updates)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+
+
+def _get_path(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _recorded_input_stats(graphdef, paths, params, stats, rest, xb):
+    """One forward pass with frozen statistics; per BN path, the sown ``(mean, var)`` of
+    its input over the batch ``xb`` (None for a layer the pass does not call)."""
+    model = nnx.merge(graphdef, params, stats, rest)
+    _, captured = nnx.capture(model, nnx.Intermediate)(xb)
+    flat = dict(nnx.to_flat_state(captured))
+    out = []
+    for p in paths:
+        var = flat.get((*p, "input_stats"))
+        calls = () if var is None else var.get_value()
+        if len(calls) > 1:
+            raise ValueError(
+                f"BatchNorm layer {'/'.join(map(str, p))} is called {len(calls)} times per "
+                "forward pass: its population statistics are ambiguous."
+            )
+        out.append(calls[0] if calls else None)
+    return out
+
+
+def population_statistics(model: nnx.Module, x, batch_size: int | None = None) -> nnx.State:
+    """Exact BatchNorm statistics over a whole dataset, layer after layer.
+
+    For BN layer :math:`l` with input :math:`a_l(x)` of shape ``(..., F)`` the population
+    statistics are the mean and biased variance over all ``N`` examples (and positions):
+
+    .. math:: \\mu_l = \\mathbb E_{x}[a_l(x)], \\qquad
+        \\sigma_l^2 = \\mathbb E_{x}[(a_l(x) - \\mu_l)^2],
+
+    where :math:`a_l` is computed with every earlier BN layer already normalising with its
+    own population statistics (then frozen). Each pass over the data runs the model with
+    the current statistics frozen and records, per batch ``b`` of ``n_b`` examples, the
+    exact two-pass mean :math:`m_b` and variance :math:`v_b` of every BN input; batches
+    are combined exactly (law of total variance, no momentum):
+    :math:`\\mu = \\sum_b n_b m_b / N`,
+    :math:`\\sigma^2 = \\sum_b n_b (v_b + (m_b - \\mu)^2) / N`. After pass ``t`` the layers
+    at depth ``<= t`` are exact, so at most ``L`` passes are run for ``L`` BN layers, fewer
+    when a pass reproduces the previous one bit for bit (a fixed point). The result does
+    not depend on ``batch_size`` beyond rounding.
+
+    Args:
+        model: an nnx model with ``nnx.BatchNorm`` layers (not mutated). Each BN layer
+            must be called once per forward pass and normalise over all axes but the
+            feature axes.
+        x: inputs ``(N, ...)``: an array, a :class:`hessspec.data.Dataset`, or a mapping
+            with ``"x"``.
+        batch_size: examples per forward pass; None: all ``N`` at once.
+
+    Returns:
+        ``nnx.State`` of the model's ``nnx.BatchStat`` variables (same structure as
+        ``nnx.state(model, nnx.BatchStat)``) holding the population means and variances,
+        in the BN parameter dtype (at least float32). Apply with ``nnx.update(model,
+        stats)``; ``nnx.to_pure_dict(stats)`` gives a plain dict.
+
+    Raises:
+        ValueError: the model has no BatchNorm, ``x`` is empty, a BN layer is called more
+            than once per forward pass.
+    """
+    x = _inputs_of(x)
+    n = int(np.shape(x)[0])
+    if n < 1:
+        raise ValueError("population_statistics needs at least one example.")
+    if batch_size is None:
+        batch_size = n
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    batch_size = int(batch_size)
+
+    work = _private_copy(model)
+    layers = batchnorm_layers(work)
+    if not layers:
+        raise ValueError("population_statistics: the model has no BatchNorm layer.")
+    for _, bn in layers:
+        if not isinstance(bn, BatchNorm):
+            bn.__class__ = _recording_class(type(bn))
+        bn.record_input_stats = True
+    work.set_attributes(use_running_average=True, deterministic=True, raise_if_not_found=False)
+    graphdef, params, stats_state, rest = nnx.split(work, nnx.Param, nnx.BatchStat, ...)
+    params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(params))
+    rest = jax.tree.map(jnp.asarray, nnx.to_pure_dict(rest))
+    stats = jax.tree.map(jnp.asarray, nnx.to_pure_dict(stats_state))
+    paths = tuple(p for p, _ in layers)
+    out_dtypes = {
+        p: jnp.promote_types(_get_path(stats, p)["mean"].dtype, bn.param_dtype) for p, bn in layers
+    }
+    for p in paths:  # compute with statistics in the output dtype
+        entry = _get_path(stats, p)
+        entry["mean"] = jnp.asarray(entry["mean"], out_dtypes[p])
+        entry["var"] = jnp.asarray(entry["var"], out_dtypes[p])
+
+    previous = None
+    for _ in range(len(paths)):
+        sums = [None] * len(paths)
+        for start in range(0, n, batch_size):
+            xb = jnp.asarray(x[start : start + batch_size])
+            nb = xb.shape[0]
+            recorded = _recorded_input_stats(graphdef, paths, params, stats, rest, xb)
+            for i, rec in enumerate(recorded):
+                if rec is None:
+                    continue
+                m_b = np.asarray(rec[0], np.float64)
+                v_b = np.asarray(rec[1], np.float64)
+                if sums[i] is None:
+                    sums[i] = []
+                sums[i].append((nb, m_b, v_b))
+        current = []
+        for p, parts in zip(paths, sums, strict=True):
+            entry = _get_path(stats, p)
+            if parts is None:  # layer unused by the forward pass: keep its statistics
+                current.append((np.asarray(entry["mean"]), np.asarray(entry["var"])))
+                continue
+            counts = np.array([c for c, _, _ in parts], np.float64)[:, None]
+            means = np.stack([m for _, m, _ in parts])
+            vars_ = np.stack([v for _, _, v in parts])
+            mu = (counts * means).sum(0) / n
+            var = (counts * (vars_ + np.square(means - mu))).sum(0) / n
+            entry["mean"] = jnp.asarray(mu, out_dtypes[p])
+            entry["var"] = jnp.asarray(var, out_dtypes[p])
+            current.append((np.asarray(entry["mean"]), np.asarray(entry["var"])))
+        if previous is not None and all(
+            np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+            for a, b in zip(current, previous, strict=True)
+        ):
+            break
+        previous = current
+
+    result = nnx.state(work, nnx.BatchStat)  # the copy's variables: the model is untouched
+    nnx.replace_by_pure_dict(result, stats)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Objectives
+# --------------------------------------------------------------------------------------
+
+
+def make_objective(
+    model: nnx.Module,
+    loss: str = "cross_entropy",
+    bn_mode: str | None = None,
+    population_data=None,
+    population_batch_size: int | None = None,
+) -> Objective:
+    """Pure loss, logits and output-loss functions of a model's parameters.
+
+    Args:
+        model: an nnx model mapping ``x`` ``(B, ...)`` to outputs ``(B, K)``; not mutated
+            (the objective works on a copy).
+        loss: ``"cross_entropy"`` (integer labels) or ``"mse"`` (see :func:`output_loss`).
+        bn_mode: for a model with BatchNorm, one of ``"train"``, ``"eval"``,
+            ``"population"`` (required: no default); for a model without, None.
+        population_data: for ``"population"``: the inputs over which to recompute the
+            statistics (array ``(N, ...)``, Dataset or ``{"x": ...}``), usually the whole
+            training set.
+        population_batch_size: batch size of that computation (None: all at once).
+
+    Returns:
+        :class:`Objective`. ``loss_fn(params, batch)`` is the mean loss over the batch;
+        ``jax.grad(loss_fn)`` is a pytree shaped like ``params``.
+
+    Raises:
+        ValueError: unknown loss or mode; a BN model without ``bn_mode``; a mode for a
+            model without BN; ``population_data`` missing for, or given without,
+            ``"population"``.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}.")
+    if bn_mode is not None and bn_mode not in BN_MODES:
+        raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {BN_MODES} (or None).")
+    has_bn = bool(batchnorm_layers(model))
+    if has_bn and bn_mode is None:
+        raise ValueError(
+            "the model has BatchNorm layers: choose bn_mode explicitly: 'train' (batch "
+            "statistics of each batch), 'eval' (stored running averages) or 'population' "
+            "(statistics recomputed over population_data)."
+        )
+    if not has_bn and bn_mode is not None:
+        raise ValueError(
+            f"bn_mode={bn_mode!r} was given, but the model has no BatchNorm layer: pass "
+            "bn_mode=None."
+        )
+    if bn_mode == "population" and population_data is None:
+        raise ValueError("bn_mode='population' needs population_data (e.g. the training set).")
+    if bn_mode != "population" and (
+        population_data is not None or population_batch_size is not None
+    ):
+        raise ValueError(
+            "population_data/population_batch_size are only used with bn_mode='population', "
+            f"got bn_mode={bn_mode!r}."
+        )
+
+    work = _private_copy(model)
+    work.set_attributes(deterministic=True, raise_if_not_found=False)
+    if has_bn:
+        work.set_attributes(
+            use_running_average=bn_mode != "train",
+            use_fast_variance=False,
+            record_input_stats=False,
+            raise_if_not_found=False,
+        )
+    if bn_mode == "population":
+        nnx.update(work, population_statistics(work, population_data, population_batch_size))
+
+    graphdef, params_state, stats_state, rest_state = nnx.split(work, nnx.Param, nnx.BatchStat, ...)
+    # jax arrays throughout (a model may hold numpy arrays, which cannot take traced updates)
+    params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(params_state))
+    stats = jax.tree.map(jnp.asarray, nnx.to_pure_dict(stats_state))
+    rest = jax.tree.map(jnp.asarray, nnx.to_pure_dict(rest_state))
+
+    def logits_fn(params, x):
+        return nnx.merge(graphdef, params, stats, rest)(x)
+
+    def output_loss_fn(logits, batch):
+        return output_loss(logits, batch, loss)
+
+    def loss_fn(params, batch):
+        _check_batch(batch)
+        return output_loss_fn(logits_fn(params, batch["x"]), batch)
+
+    return Objective(
+        loss_fn=loss_fn,
+        logits_fn=logits_fn,
+        output_loss_fn=output_loss_fn,
+        params=params,
+        bn_mode=bn_mode,
+        graphdef=graphdef,
+        stats=stats,
+        rest=rest,
+        loss=loss,
+    )
+
+
+def with_params(model: nnx.Module, params) -> nnx.Module:
+    """Write ``params`` (a pure dict as in :attr:`Objective.params`, or an ``nnx.State``)
+    into ``model`` in place and return it. Statistics and modes are left as they are."""
+    nnx.update(model, params)
+    return model
