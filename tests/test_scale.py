@@ -41,11 +41,18 @@ def _run(num_devices, *args):
 
 @pytest.fixture(scope="module")
 def single_device():
-    return _run(1)
+    """The reference, in this (single-device) test process."""
+    import jax
+
+    assert jax.device_count() == 1
+    sys.path.insert(0, str(WORKER.parent))
+    import scale_worker
+
+    return json.loads(json.dumps(scale_worker.compute()))
 
 
 def _assert_same(result, reference):
-    for bs in ("8", "12"):
+    for bs in ("8",):
         for field in ("top", "bottom", "hv"):
             got, ref = np.asarray(result[bs][field]), np.asarray(reference[bs][field])
             scale = np.abs(ref).max()
@@ -57,8 +64,8 @@ def _assert_same(result, reference):
 def test_four_devices_match_one(single_device):
     result = _run(4)
     assert result["num_devices"] == 4 and single_device["num_devices"] == 1
-    # batches of 8 and 12 split over 4 devices; ragged remainders (6, 2) are replicated
-    assert "examples" in result["8"]["specs"][0] and "examples" in result["12"]["specs"][0]
+    # batches of 8 split over 4 devices; the ragged remainder (6 examples) is replicated
+    assert "examples" in result["8"]["specs"][0]
     _assert_same(result, single_device)
 
 
