@@ -64,11 +64,11 @@ def _reference(loss_fn, params, data, batch_size):
 
 @pytest.mark.parametrize(
     ("loss_fn", "batch_size"),
-    [(_loss, bs) for bs in (None, 13, 4, 5, 1)] + [(_batchnorm_loss, bs) for bs in (None, 4, 5)],
+    [(_loss, bs) for bs in (None, 13, 4, 5, 3)] + [(_batchnorm_loss, bs) for bs in (None, 4, 5)],
     ids=lambda a: getattr(a, "__name__", str(a)),
 )
 def test_hessian_operator_matches_dense_reference(key, loss_fn, batch_size):
-    """Batch sizes: whole set, == N, ragged (13 = 3*4 + 1, 2*5 + 3), one example a batch."""
+    """Batch sizes: whole set, == N, ragged (13 = 3*4 + 1, 2*5 + 3, 4*3 + 1)."""
     params, data = _mlp_params(key), _data(jax.random.fold_in(key, 1))
     op = hs.hessian_operator(loss_fn, params, data, batch_size=batch_size)
     dense = op.to_dense()
@@ -76,6 +76,18 @@ def test_hessian_operator_matches_dense_reference(key, loss_fn, batch_size):
     assert op.dim == ref.shape[0] and op.dtype == np.float64
     np.testing.assert_allclose(dense, ref, rtol=0, atol=1e-10 * np.linalg.norm(ref, 2))
     np.testing.assert_allclose(dense, dense.T, atol=1e-12 * np.linalg.norm(ref, 2))
+
+
+@pytest.mark.parametrize("unroll_limit", [1, 16], ids=["scan", "unrolled"])
+def test_batch_loop_scan_and_unrolled_agree(key, monkeypatch, unroll_limit):
+    """The batch loop is a lax.scan or, on CPU for few batches, unrolled: same operator."""
+    from hessspec import operators
+
+    monkeypatch.setattr(operators, "UNROLL_BATCHES_ON_CPU", unroll_limit)
+    params, data = _mlp_params(key), _data(jax.random.fold_in(key, 1))
+    ref = _reference(_batchnorm_loss, params, data, 4)
+    op = hs.hessian_operator(_batchnorm_loss, params, data, batch_size=4)
+    np.testing.assert_allclose(op.to_dense(), ref, atol=1e-10 * np.linalg.norm(ref, 2))
 
 
 def test_separable_loss_is_independent_of_batch_size(key):
