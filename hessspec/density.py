@@ -20,8 +20,15 @@ import jax
 import numpy as np
 import scipy.linalg
 
-from hessspec.lanczos import DEFAULT_SEED, _check_finite, _tridiag_core
+from hessspec.lanczos import (
+    DEFAULT_SEED,
+    _check_finite,
+    _device_of,
+    _num_blocks,
+    _tridiag_core,
+)
 from hessspec.linop import LinearOperator, as_operator, solver_dtype
+from hessspec.linop import basis_dtype as resolve_basis_dtype
 
 __all__ = ["SpectralDensity", "gaussian_quadrature", "ghorbani_sigma", "spectral_density"]
 
@@ -167,11 +174,16 @@ class SpectralDensity:
         return out
 
 
-@partial(jax.jit, static_argnames=("apply", "num_steps", "op_dtype", "batch_size"))
-def _slq_tridiagonals(apply, operand, probes, num_steps, op_dtype, batch_size):
+@partial(
+    jax.jit,
+    static_argnames=("apply", "num_steps", "op_dtype", "batch_size", "bdt", "num_blocks"),
+)
+def _slq_tridiagonals(apply, operand, probes, num_steps, op_dtype, batch_size, bdt, num_blocks):
     def one(v):
-        res = _tridiag_core(apply, operand, v, num_steps, op_dtype, early_exit=False)
-        return res.alphas, res.betas, res.num_steps_done
+        _, alphas, betas, done = _tridiag_core(
+            apply, operand, v, num_steps, op_dtype, False, bdt, num_blocks
+        )
+        return alphas, betas, done
 
     if batch_size is None:
         return jax.vmap(one)(probes)
@@ -185,6 +197,8 @@ def spectral_density(
     key: jax.Array | None = None,
     dim: int | None = None,
     probe_batch_size: int | None = None,
+    basis_dtype: Any = None,
+    check_memory: bool | float = True,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature of the spectral density of a symmetric operator.
 
@@ -195,8 +209,9 @@ def spectral_density(
     distinct eigenvalues) the iteration stops there and the unused quadrature slots get
     weight 0: the quadrature is then exact for that probe.
 
-    Cost: ``P * m`` matvecs; memory ``P_b * m * n`` in the solver dtype for the bases of the
-    ``P_b`` probes run together.
+    Cost: ``P * m`` matvecs; memory ``P_b * m * n`` numbers in the basis dtype for the bases
+    of the ``P_b`` probes run together (only their tridiagonals are kept), plus the ``P``
+    probes and the working set of ``P_b`` Hessian-vector products at once.
 
     Args:
         op: :class:`~hessspec.linop.LinearOperator`, or a callable ``v -> A v`` with ``dim=``.
@@ -206,12 +221,21 @@ def spectral_density(
         dim: vector length when ``op`` is a plain callable.
         probe_batch_size: run probes in ``lax.map`` chunks of this many (vmapped within a
             chunk) to bound memory; ``None`` runs all probes at once.
+        basis_dtype: dtype of the Krylov bases: None (the solver dtype, float64 when x64 is
+            on) or ``"float32"`` (half the memory; the tridiagonals stay in the solver
+            dtype; nodes carry relative errors of ~1e-7, far below the smoothing width).
+        check_memory: before starting, compare :func:`hessspec.memory.estimate_memory` of
+            this call with :func:`hessspec.memory.available_memory` and raise
+            ``MemoryError`` if it cannot fit. A number is used as the available bytes
+            instead; False skips the check.
 
     Returns:
         :class:`SpectralDensity` with ``nodes``/``weights`` of shape ``(P, m)``.
 
     Raises:
-        ValueError: ``num_probes < 1``, ``num_steps`` outside ``[1, dim]``, bad batch size.
+        ValueError: ``num_probes < 1``, ``num_steps`` outside ``[1, dim]``, bad batch size or
+            ``basis_dtype``.
+        MemoryError: the memory estimate exceeds the available memory (``check_memory``).
         FloatingPointError: the matvec produced NaN/Inf.
     """
     op = as_operator(op, dim)
@@ -236,11 +260,33 @@ def spectral_density(
             )
         if probe_batch_size >= num_probes:
             probe_batch_size = None
+    bdt = resolve_basis_dtype(op.dtype, basis_dtype)
+    if check_memory is not False:
+        from hessspec.memory import check_fits, estimate_memory
+
+        check_fits(
+            estimate_memory(
+                op,
+                num_steps=num_steps,
+                num_probes=num_probes,
+                probe_batch_size=probe_batch_size,
+                basis_dtype=bdt,
+            ),
+            available=None if check_memory is True else float(check_memory),
+            device=_device_of(op),
+        )
     key = jax.random.key(DEFAULT_SEED) if key is None else key
     sdt = solver_dtype(op.dtype)
     probes = jax.random.rademacher(key, (num_probes, n), dtype=sdt) / np.sqrt(n)
     alphas, betas, done = _slq_tridiagonals(
-        op.apply, op.operand, probes, num_steps, op.dtype, probe_batch_size
+        op.apply,
+        op.operand,
+        probes,
+        num_steps,
+        op.dtype,
+        probe_batch_size,
+        bdt,
+        _num_blocks(num_steps, n),
     )
     alphas, betas, done = np.asarray(alphas), np.asarray(betas), np.asarray(done)
     _check_finite(alphas, betas)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessspec.lanczos import DEFAULT_SEED, _check_finite
+from hessspec.lanczos import DEFAULT_SEED, _check_finite, _device_of
 from hessspec.linop import LinearOperator, as_operator, solver_dtype
 
 __all__ = ["TraceEstimate", "trace"]
@@ -84,6 +84,7 @@ def trace(
     method: str = "hutch++",
     dim: int | None = None,
     batch_size: int | None = None,
+    check_memory: bool | float = True,
 ) -> TraceEstimate:
     """Estimate ``tr(A)`` of a symmetric operator from matvecs.
 
@@ -101,12 +102,17 @@ def trace(
         dim: vector length when ``op`` is a plain callable.
         batch_size: matvecs run vmapped all together (``None``) or in ``lax.map`` chunks of
             this size, to bound memory for large models.
+        check_memory: before starting, compare :func:`hessspec.memory.estimate_memory` of
+            this call with :func:`hessspec.memory.available_memory` and raise
+            ``MemoryError`` if it cannot fit. A number is used as the available bytes
+            instead; False skips the check.
 
     Returns:
         :class:`TraceEstimate` ``(value, stderr, num_matvecs)``.
 
     Raises:
         ValueError: unknown method, or ``num_matvecs`` too small for a standard error.
+        MemoryError: the memory estimate exceeds the available memory (``check_memory``).
         FloatingPointError: the matvec produced NaN/Inf.
     """
     op = as_operator(op, dim)
@@ -134,6 +140,14 @@ def trace(
             num_probes = 2
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"trace: batch_size={batch_size} must be a positive integer.")
+    if check_memory is not False:
+        from hessspec.memory import check_fits, estimate_memory
+
+        check_fits(
+            estimate_memory(op, num_matvecs=m, matvec_batch_size=batch_size, method=method),
+            available=None if check_memory is True else float(check_memory),
+            device=_device_of(op),
+        )
     key = jax.random.key(DEFAULT_SEED) if key is None else key
     exact, samples = _estimate(
         op.apply,

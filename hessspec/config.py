@@ -1,0 +1,593 @@
+"""Configuration of a BatchNorm spectrum study: frozen dataclasses, TOML in, overrides on top.
+
+A :class:`Config` has four sections, :class:`DataConfig` (``[data]``),
+:class:`ModelConfig` (``[model]``), :class:`TrainConfig` (``[train]``) and
+:class:`AnalysisConfig` (``[analysis]``), plus a few top-level fields (``seed``, ``x64``,
+``title``). Every field has a default; a TOML file names only what it changes::
+
+    seed = 0
+    [train]
+    steps = 2000
+    learning_rate = 0.01
+    [analysis]
+    bn_modes = ["train", "population"]
+
+:func:`load_config` reads such a file, :func:`apply_overrides` changes single fields from
+``"section.field=value"`` strings (the CLI's ``--set``), and both check every key and every
+type against the dataclasses: an unknown key or a wrong type raises :class:`ConfigError`
+naming the key, what was expected and what was given, before anything runs.
+:func:`validate` checks the values themselves (choices, ranges, checkpoints within the
+training) and :func:`to_toml` writes a config back as TOML that loads to the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "EXPERIMENT",
+    "AnalysisConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "QUICK_OVERRIDES",
+    "TrainConfig",
+    "apply_overrides",
+    "checkpoint_steps",
+    "config_from_dict",
+    "config_to_dict",
+    "describe_fields",
+    "load_config",
+    "to_toml",
+    "validate",
+]
+
+#: Value of the optional top-level ``experiment`` key of this study's TOML files (other
+#: values name other studies, which :mod:`hessspec.run` dispatches to).
+EXPERIMENT = "batchnorm_spectrum"
+DATASETS = ("digits", "mnist", "cifar10")
+MODELS = ("mlp", "cnn", "resnet", "linear")
+BN_MODES = ("train", "eval", "population")
+OPTIMIZERS = ("sgd", "adam")
+LOSSES = ("cross_entropy", "mse")
+PREPROCESSING = ("unit", "center", "standardize", "raw")
+TRACE_METHODS = ("hutch++", "hutchinson")
+DTYPES = ("float32", "float64")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: unknown key, wrong type or invalid value."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a help text (shown by ``--help`` and in the docs)."""
+    if isinstance(default, list | dict):
+        raise TypeError("use tuples for sequence defaults: configs are frozen")
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: which dataset, where it lives and how it is split and scaled."""
+
+    name: str = _f(
+        "digits",
+        "dataset: 'digits' (8x8 digits bundled with scikit-learn), 'mnist' (IDX files) or "
+        "'cifar10' (python pickle batches); mnist and cifar10 read data.path",
+    )
+    path: str = _f(
+        "",
+        "folder holding the MNIST/CIFAR-10 files (see hessspec.data); empty: "
+        "$HESSSPEC_DATA/<name> or ./data/<name>; must be empty for digits",
+    )
+    preprocessing: str = _f(
+        "unit",
+        "digits only: 'unit' (x/16 in [0,1]), 'center' (minus the per-pixel train mean), "
+        "'standardize' (per-pixel z-score) or 'raw' (0..16)",
+    )
+    standardize: bool = _f(
+        False, "mnist/cifar10 only: standardize with train statistics (else [0,1] pixels)"
+    )
+    test_fraction: float = _f(0.2, "digits only: fraction of each class held out for testing")
+    split_seed: int = _f(0, "digits only: seed of the stratified train/test split")
+    train_size: int = _f(0, "use a fixed stratified subset of this many training examples; 0: all")
+    test_size: int = _f(0, "use a fixed stratified subset of this many test examples; 0: all")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the architecture, trained once per entry of ``batchnorm``."""
+
+    name: str = _f("mlp", "architecture: 'mlp', 'cnn', 'resnet' or 'linear'")
+    batchnorm: tuple[bool, ...] = _f(
+        (False, True),
+        "one network is trained per entry: false = without BatchNorm, true = with "
+        "(BN after every hidden linear/conv layer, before the nonlinearity)",
+    )
+    input_shape: tuple[int, ...] = _f(
+        (),
+        "shape of one input the model is built for, e.g. [32, 32, 3]; empty: taken from the "
+        "data. When set, data of another shape is refused before training",
+    )
+    hidden: tuple[int, ...] = _f((64, 64), "mlp: widths of the hidden layers")
+    activation: str = _f("relu", "mlp: relu, tanh, gelu, softplus, sigmoid or identity")
+    channels: tuple[int, ...] = _f((16, 32), "cnn: channels of each conv stage")
+    widths: tuple[int, ...] = _f((16, 32, 64), "resnet: channels of each stage")
+    blocks_per_stage: int = _f(1, "resnet: residual blocks per stage")
+    bn_momentum: float = _f(0.9, "momentum of the BatchNorm running averages")
+    dtype: str = _f("float32", "parameter and HVP dtype: float32 or float64 (needs x64)")
+    loss: str = _f("cross_entropy", "'cross_entropy' or 'mse' (squared error on one-hot)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: the optimizer, the training length and the analysis checkpoints."""
+
+    optimizer: str = _f("sgd", "'sgd' (with momentum) or 'adam'")
+    learning_rate: float = _f(0.003, "learning rate (constant)")
+    momentum: float = _f(0.9, "sgd: heavy-ball momentum (0 for plain SGD)")
+    nesterov: bool = _f(False, "sgd: Nesterov momentum")
+    adam_b1: float = _f(0.9, "adam: beta1")
+    adam_b2: float = _f(0.999, "adam: beta2")
+    weight_decay: float = _f(
+        0.0, "weight decay (L2 on the gradient for sgd, decoupled AdamW for adam)"
+    )
+    batch_size: int = _f(64, "training mini-batch size")
+    steps: int = _f(500, "number of optimizer steps")
+    checkpoints: tuple[int, ...] = _f(
+        (),
+        "steps at which to analyse the Hessian (0 = at initialization); empty: "
+        "train.num_checkpoints steps, 0 then doubling up to train.steps",
+    )
+    num_checkpoints: int = _f(5, "number of automatic checkpoints when train.checkpoints is empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+    """``[analysis]``: what is measured at every checkpoint, and on which examples."""
+
+    bn_modes: tuple[str, ...] = _f(
+        ("train",),
+        "BatchNorm mode(s) each BN network is analysed in, one run per mode: 'train' (batch "
+        "statistics, the function SGD descends), 'eval' (running averages), 'population' "
+        "(statistics of the analysis set, frozen)",
+    )
+    size: int = _f(
+        512, "examples in the fixed analysis set (a seeded subset of the training set); 0: all"
+    )
+    batch_size: int = _f(
+        0,
+        "examples per batch of the Hessian and gradient; 0: train.batch_size. In BN train "
+        "mode this fixes the batches whose statistics the loss uses",
+    )
+    top_k: int = _f(0, "number of top eigenpairs; 0: 2K (K = number of classes)")
+    lanczos_steps: int = _f(0, "Lanczos steps for the top eigenpairs; 0: the library default")
+    tol: float = _f(
+        0.0, "relative residual tolerance of the top eigenpairs; 0: the library default"
+    )
+    slq_probes: int = _f(10, "SLQ density: number of random probe vectors")
+    slq_steps: int = _f(90, "SLQ density: Lanczos steps per probe")
+    slq_probe_batch_size: int = _f(
+        1, "SLQ probes run together (vmapped); 0: all at once. 1 is fastest on a CPU"
+    )
+    trace_matvecs: int = _f(300, "Hessian-vector products spent on the trace estimate")
+    matvec_batch_size: int = _f(
+        1,
+        "matvecs run together (vmapped) in the trace estimate and the eigenpair residual "
+        "check; 0: all at once. 1 compiles fastest and runs as fast on a CPU",
+    )
+    trace_method: str = _f("hutch++", "trace estimator: 'hutch++' or 'hutchinson'")
+    num_minibatches: int = _f(
+        8, "mini-batch gradients whose top-eigenspace energy is averaged (mean and std)"
+    )
+    minibatch_size: int = _f(0, "examples per mini-batch gradient; 0: train.batch_size")
+    save_eigenvectors: bool = _f(
+        True, "store the top eigenvectors in spectra.npz (k x num_params per checkpoint)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole study: data, model(s), training, analysis, and the global seed."""
+
+    seed: int = _f(0, "seed of the initialization, the batch order and every random probe")
+    x64: bool = _f(
+        True,
+        "enable jax_enable_x64 in this process so Lanczos runs in float64 (the model keeps "
+        "model.dtype: mixed precision)",
+    )
+    title: str = _f("BatchNorm and the Hessian spectrum", "title of report.md")
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    analysis: AnalysisConfig = dataclasses.field(default_factory=AnalysisConfig)
+
+
+#: Overrides applied by ``--quick`` (before any ``--set``): a cheaper density and trace.
+QUICK_OVERRIDES: tuple[str, ...] = (
+    "analysis.slq_probes=4",
+    "analysis.slq_steps=40",
+    "analysis.trace_matvecs=60",
+    "analysis.num_minibatches=4",
+)
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _section_classes() -> dict[str, type]:
+    return {
+        name: hint
+        for name, hint in _hints(Config).items()
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint)
+    }
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _describe_value(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the field type ``tp`` (lists become tuples, ints floats)."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item,) = (a for a in typing.get_args(tp) if a is not Ellipsis)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(
+                f"config key {key!r} must be {_type_name(tp)}, got {_describe_value(value)}."
+            )
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:  # pragma: no cover - a field type this module does not know
+        raise TypeError(f"unsupported config field type {tp!r} for {key!r}")
+    if not ok:
+        raise ConfigError(
+            f"config key {key!r} must be {_type_name(tp)}, got {_describe_value(value)}."
+        )
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} must be finite, got {value!r}.")
+    return value
+
+
+def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
+    import difflib
+
+    known = sorted(known)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(known)}.")
+
+
+def _section_from_dict(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = _hints(cls)
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in hints:
+            raise _unknown_key(key, hints)
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from a (partial) nested mapping, checking keys and types.
+
+    Args:
+        values: ``{"seed": 1, "train": {"steps": 100}, ...}``; absent keys keep defaults.
+            An ``experiment`` key is accepted when it is :data:`EXPERIMENT`.
+
+    Raises:
+        ConfigError: unknown key, wrong type, or a section that is not a table.
+    """
+    sections = _section_classes()
+    hints = _hints(Config)
+    kwargs: dict[str, Any] = {}
+    for k, v in values.items():
+        if k == "experiment":
+            if v != EXPERIMENT:
+                raise ConfigError(
+                    f"config key 'experiment' is {v!r}: that is not this study "
+                    f"({EXPERIMENT!r}); python -m hessspec.run --config FILE runs each study "
+                    "its file names."
+                )
+        elif k in sections:
+            if not isinstance(v, Mapping):
+                raise ConfigError(
+                    f"config key {k!r} must be a table ([{k}] in TOML), got {_describe_value(v)}."
+                )
+            kwargs[k] = _section_from_dict(sections[k], v, f"{k}.")
+        elif k in hints:
+            kwargs[k] = _coerce(v, hints[k], k)
+        else:
+            raise _unknown_key(k, hints)
+    return Config(**kwargs)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain nested dicts and lists (JSON/TOML ready)."""
+
+    def plain(x):
+        if isinstance(x, tuple | list):
+            return [plain(v) for v in x]
+        return x
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = {g.name: plain(getattr(v, g.name)) for g in dataclasses.fields(v)}
+        else:
+            out[f.name] = plain(v)
+    return out
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML file into a :class:`Config` (absent keys keep their defaults).
+
+    Raises:
+        ConfigError: the file is missing or not valid TOML, or has an unknown key or a
+            value of the wrong type (the message names the file and the key).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}.") from None
+    try:
+        return config_from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _parse_value(raw: str, tp: Any) -> Any:
+    """A ``--set`` value: a TOML literal if it parses as one, else the raw string; for list
+    fields a bare comma-separated list is accepted too (``train,population``)."""
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if tp is str and not isinstance(value, str):
+        return raw
+    if typing.get_origin(tp) is tuple and not isinstance(value, list):
+        item = typing.get_args(tp)[0]
+        parts = [p.strip() for p in raw.split(",") if p.strip()]
+        return [_parse_value(p, item) for p in parts]
+    return value
+
+
+def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
+    """Change single fields from ``"section.field=value"`` (or ``"field=value"`` for the
+    top-level fields) strings, in order.
+
+    Values are TOML literals (``200``, ``0.1``, ``true``, ``"text"``, ``[64, 64]``);
+    strings may be left unquoted, lists may be written ``a,b``.
+
+    Raises:
+        ConfigError: no ``=``, an unknown key, or a value of the wrong type.
+    """
+    sections = _section_classes()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} must look like section.field=value (e.g. train.steps=200)."
+            )
+        key, raw = (s.strip() for s in item.split("=", 1))
+        parts = key.split(".")
+        if len(parts) == 2 and parts[0] in sections:
+            section, name = parts
+            cls = sections[section]
+            hints = _hints(cls)
+            if name not in hints:
+                raise _unknown_key(key, hints)
+            value = _coerce(_parse_value(raw, hints[name]), hints[name], key)
+            current = getattr(config, section)
+            config = dataclasses.replace(
+                config, **{section: dataclasses.replace(current, **{name: value})}
+            )
+        elif len(parts) == 1 and parts[0] in _hints(Config) and parts[0] not in sections:
+            tp = _hints(Config)[key]
+            config = dataclasses.replace(config, **{key: _coerce(_parse_value(raw, tp), tp, key)})
+        else:
+            known = [f"{s}.{n}" for s, c in sections.items() for n in _hints(c)] + [
+                n for n in _hints(Config) if n not in sections
+            ]
+            raise _unknown_key(key, known)
+    return config
+
+
+def checkpoint_steps(train: TrainConfig) -> list[int]:
+    """The sorted, distinct steps at which the network is analysed.
+
+    ``train.checkpoints`` when given; else ``train.num_checkpoints`` steps: 0, then
+    ``steps / 2**j`` doubling up to ``steps`` (``[0, 125, 250, 500, 1000]`` for 5 of 1000).
+    """
+    if train.checkpoints:
+        return sorted(set(int(s) for s in train.checkpoints))
+    n = int(train.num_checkpoints)
+    if n <= 1 or train.steps == 0:
+        return [0]
+    later = [int(round(train.steps / 2 ** (n - 2 - j))) for j in range(n - 1)]
+    return sorted({0, *later})
+
+
+def _check_choice(value: str, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key {key!r} must be one of {list(choices)}, got {value!r}.")
+
+
+def _check_positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config key {key!r} must be {bound}, got {value!r}.")
+
+
+def validate(config: Config) -> Config:
+    """Check the values of a config (choices, ranges, checkpoints); return it unchanged.
+
+    Raises:
+        ConfigError: the first problem found, naming the key.
+    """
+    d, m, t, a = config.data, config.model, config.train, config.analysis
+    _check_choice(d.name, DATASETS, "data.name")
+    _check_choice(d.preprocessing, PREPROCESSING, "data.preprocessing")
+    if d.name == "digits" and d.path:
+        raise ConfigError("config key 'data.path' must be empty for digits (bundled data).")
+    if not 0 < d.test_fraction < 1:
+        raise ConfigError(
+            f"config key 'data.test_fraction' must lie in (0, 1), got {d.test_fraction}."
+        )
+    _check_positive(d.train_size, "data.train_size", allow_zero=True)
+    _check_positive(d.test_size, "data.test_size", allow_zero=True)
+
+    _check_choice(m.name, MODELS, "model.name")
+    _check_choice(m.dtype, DTYPES, "model.dtype")
+    _check_choice(m.loss, LOSSES, "model.loss")
+    if not m.batchnorm:
+        raise ConfigError("config key 'model.batchnorm' needs at least one entry (false, true).")
+    if len(set(m.batchnorm)) != len(m.batchnorm):
+        raise ConfigError(f"config key 'model.batchnorm' repeats an entry: {list(m.batchnorm)}.")
+    if m.name == "linear" and any(m.batchnorm):
+        raise ConfigError("model 'linear' has no BatchNorm: set model.batchnorm = [false].")
+    if m.dtype == "float64" and not config.x64:
+        raise ConfigError("model.dtype = 'float64' needs x64 = true.")
+    for key, seq in (
+        ("model.input_shape", m.input_shape),
+        ("model.hidden", m.hidden),
+        ("model.channels", m.channels),
+        ("model.widths", m.widths),
+    ):
+        if any(v < 1 for v in seq):
+            raise ConfigError(f"config key {key!r} must hold positive widths, got {list(seq)}.")
+    _check_positive(m.blocks_per_stage, "model.blocks_per_stage")
+    if not 0 <= m.bn_momentum < 1:
+        raise ConfigError(
+            f"config key 'model.bn_momentum' must lie in [0, 1), got {m.bn_momentum}."
+        )
+
+    _check_choice(t.optimizer, OPTIMIZERS, "train.optimizer")
+    _check_positive(t.learning_rate, "train.learning_rate")
+    if not 0 <= t.momentum < 1:
+        raise ConfigError(f"config key 'train.momentum' must lie in [0, 1), got {t.momentum}.")
+    for key, v in (("train.adam_b1", t.adam_b1), ("train.adam_b2", t.adam_b2)):
+        if not 0 <= v < 1:
+            raise ConfigError(f"config key {key!r} must lie in [0, 1), got {v}.")
+    _check_positive(t.weight_decay, "train.weight_decay", allow_zero=True)
+    _check_positive(t.batch_size, "train.batch_size")
+    _check_positive(t.steps, "train.steps", allow_zero=True)
+    _check_positive(t.num_checkpoints, "train.num_checkpoints")
+    bad = [s for s in t.checkpoints if not 0 <= s <= t.steps]
+    if bad:
+        raise ConfigError(
+            f"config key 'train.checkpoints' must hold steps in [0, train.steps = {t.steps}], "
+            f"got {bad}."
+        )
+
+    if not a.bn_modes:
+        raise ConfigError("config key 'analysis.bn_modes' needs at least one mode.")
+    for i, mode in enumerate(a.bn_modes):
+        _check_choice(mode, BN_MODES, f"analysis.bn_modes[{i}]")
+    if len(set(a.bn_modes)) != len(a.bn_modes):
+        raise ConfigError(f"config key 'analysis.bn_modes' repeats a mode: {list(a.bn_modes)}.")
+    _check_choice(a.trace_method, TRACE_METHODS, "analysis.trace_method")
+    for key in (
+        "size",
+        "batch_size",
+        "top_k",
+        "lanczos_steps",
+        "minibatch_size",
+        "slq_probe_batch_size",
+        "matvec_batch_size",
+    ):
+        _check_positive(getattr(a, key), f"analysis.{key}", allow_zero=True)
+    _check_positive(a.tol, "analysis.tol", allow_zero=True)
+    for key in ("slq_probes", "slq_steps", "trace_matvecs", "num_minibatches"):
+        _check_positive(getattr(a, key), f"analysis.{key}")
+    return config
+
+
+def describe_fields() -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, help)`` for every config field, in declaration order."""
+    rows = []
+    default = Config()
+    for f in dataclasses.fields(Config):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            hints = _hints(type(value))
+            for g in dataclasses.fields(value):
+                rows.append(
+                    (
+                        f"{f.name}.{g.name}",
+                        _type_name(hints[g.name]).removeprefix("a ").removeprefix("an "),
+                        _toml_value(getattr(value, g.name)),
+                        g.metadata.get("help", ""),
+                    )
+                )
+        else:
+            rows.append(
+                (
+                    f.name,
+                    _type_name(_hints(Config)[f.name]).removeprefix("a ").removeprefix("an "),
+                    _toml_value(value),
+                    f.metadata.get("help", ""),
+                )
+            )
+    return rows
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def to_toml(config: Config) -> str:
+    """The whole config as TOML text; ``load_config`` of it gives back ``config``."""
+    lines = [f"experiment = {_toml_value(EXPERIMENT)}"]
+    tables = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            tables.append((f.name, value))
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    for name, value in tables:
+        lines.append("")
+        lines.append(f"[{name}]")
+        for g in dataclasses.fields(value):
+            lines.append(f"{g.name} = {_toml_value(getattr(value, g.name))}")
+    return "\n".join(lines) + "\n"

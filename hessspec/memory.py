@@ -1,0 +1,488 @@
+"""Memory a solver call will need, what the device has, and a refusal before starting.
+
+The largest objects of a Hessian spectrum run are the Krylov bases (``num_steps x dim`` per
+Lanczos run; SLQ keeps one per probe run together), then the operator's data (parameters
+and the dataset), then the working set of the Hessian-vector products that run at once.
+:func:`estimate_memory` adds these up for one call of :func:`hessspec.top_eigenpairs`,
+:func:`hessspec.spectral_density`, :func:`hessspec.trace` or
+:func:`hessspec.lanczos_tridiag`; :func:`available_memory` says what the device has free;
+:func:`check_fits` raises ``MemoryError`` before a run that cannot fit, naming the options
+that lower the estimate. The three solvers call it at their start (``check_memory=``).
+
+For a command-line tool, :func:`summarize` turns the estimates of the calls a run will make
+into one line such as ``"this run needs about 3.2 GiB (peak in spectral_density: ...); about
+20.5 GiB available"``.
+
+Accuracy: the array components (basis, probes, operator data, solver work vectors) are the
+exact sizes of the arrays the solvers allocate. The HVP working set is an approximation: a
+liveness scan over the traced program of the matvec(s) run at once (every intermediate
+alive from its definition to its last use). XLA fuses and reuses buffers, so the real peak
+is usually lower; convolution scratch space is not seen.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+
+from hessspec.linop import LinearOperator, as_operator, solver_dtype
+from hessspec.linop import basis_dtype as resolve_basis_dtype
+
+__all__ = [
+    "MemoryEstimate",
+    "available_memory",
+    "check_fits",
+    "estimate_memory",
+    "format_bytes",
+    "summarize",
+]
+
+GiB = 2**30
+
+
+class MemoryEstimate(NamedTuple):
+    """Bytes a solver call needs, by component.
+
+    Attributes:
+        basis: Krylov bases: ``num_steps x dim`` per Lanczos run held at once, in the basis
+            dtype (``probe_batch_size`` of them for SLQ).
+        probes: probe, start, sketch and eigenvector arrays (``(count, dim)`` in the solver
+            dtype).
+        operator: the operator's data as stored (parameters and dataset; every device's copy).
+        hvp: working set of the Hessian-vector products that run at once (approximate).
+        workspace: other solver arrays: the copy kept during a thick restart, the
+            products of batched matvecs, per-run work vectors.
+        total: the sum.
+        solver: which call this is for (``"top_eigenpairs"``, ``"spectral_density"``,
+            ``"trace"``, ``"lanczos_tridiag"``).
+        hints: options that lower the estimate, largest saving first (for messages).
+    """
+
+    basis: int
+    probes: int
+    operator: int
+    hvp: int
+    workspace: int
+    total: int
+    solver: str
+    hints: tuple[str, ...]
+
+    def summary(self) -> str:
+        """``"2.1 GiB (basis 1.6 GiB, probes ..., operator ..., HVP ..., workspace ...)"``."""
+        parts = ", ".join(
+            f"{name} {format_bytes(getattr(self, field))}"
+            for name, field in (
+                ("basis", "basis"),
+                ("probes", "probes"),
+                ("operator", "operator"),
+                ("HVP", "hvp"),
+                ("workspace", "workspace"),
+            )
+        )
+        return f"{format_bytes(self.total)} ({parts})"
+
+
+def format_bytes(num: float) -> str:
+    """Human-readable size: ``"512 B"``, ``"3.4 MiB"``, ``"1.25 GiB"``."""
+    num = float(num)
+    for unit, size in (("TiB", 2**40), ("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num) >= size:
+            return f"{num / size:.3g} {unit}"
+    return f"{int(num)} B"
+
+
+# ---------------------------------------------------------------------------------------
+# the operator's data and its HVP working set
+
+
+def _leaf_bytes(leaf: Any) -> int:
+    shards = getattr(leaf, "addressable_shards", None)
+    if shards is not None:
+        try:
+            return int(sum(s.data.nbytes for s in shards))
+        except Exception:  # noqa: BLE001 - deleted or abstract arrays: fall back to shape
+            pass
+    itemsize = np.dtype(getattr(leaf, "dtype", np.float64)).itemsize
+    return int(np.prod(np.shape(leaf), dtype=np.int64)) * itemsize
+
+
+def operator_bytes(op: LinearOperator) -> int:
+    """Bytes of ``op.operand`` (parameters, data) as stored, summed over every device copy."""
+    return int(sum(_leaf_bytes(leaf) for leaf in jax.tree_util.tree_leaves(op.operand)))
+
+
+def _aval_bytes(v: Any) -> int:
+    aval = getattr(v, "aval", None)
+    shape = getattr(aval, "shape", None)
+    dtype = getattr(aval, "dtype", None)
+    if shape is None or dtype is None:
+        return 0
+    try:
+        itemsize = np.dtype(dtype).itemsize
+    except TypeError:  # PRNG key types and the like
+        itemsize = getattr(dtype, "itemsize", 4)
+    return int(np.prod(shape, dtype=np.int64)) * int(itemsize)
+
+
+def _sub_jaxprs(eqn) -> list:
+    subs = []
+    for value in eqn.params.values():
+        items = value if isinstance(value, list | tuple) else (value,)
+        for item in items:
+            if isinstance(item, jcore.ClosedJaxpr):
+                subs.append(item.jaxpr)
+            elif isinstance(item, jcore.Jaxpr):
+                subs.append(item)
+    return subs
+
+
+def _peak_live_bytes(jaxpr) -> int:
+    """Peak bytes of intermediates alive at once in ``jaxpr`` (inputs excluded), by a linear
+    scan that frees each value after its last use; a sub-program (scan/while body, cond
+    branch, pjit) adds its own peak while its equation runs."""
+    eqns = jaxpr.eqns
+    last_use: dict = {}
+    for i, eqn in enumerate(eqns):
+        for v in eqn.invars:
+            if isinstance(v, jcore.Var):
+                last_use[v] = i
+    for v in jaxpr.outvars:
+        if isinstance(v, jcore.Var):
+            last_use[v] = len(eqns)
+    owned: set = set()
+    live = peak = 0
+    for i, eqn in enumerate(eqns):
+        inner = max((_peak_live_bytes(sub) for sub in _sub_jaxprs(eqn)), default=0)
+        out = [v for v in eqn.outvars if not isinstance(v, jcore.DropVar)]
+        out_bytes = sum(_aval_bytes(v) for v in out)
+        peak = max(peak, live + inner + out_bytes)
+        live += out_bytes
+        owned.update(out)
+        for v in out:
+            if v not in last_use:  # never read
+                live -= _aval_bytes(v)
+                owned.discard(v)
+        for v in {v for v in eqn.invars if isinstance(v, jcore.Var)}:
+            if v in owned and last_use.get(v) == i:
+                live -= _aval_bytes(v)
+                owned.discard(v)
+    return int(peak)
+
+
+_HVP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def hvp_working_set(op: LinearOperator, batch: int = 1) -> int:
+    """Approximate working set in bytes of ``batch`` matvecs of ``op`` run at once (vmapped).
+
+    Traces (does not compile or run) ``op.apply`` and scans its program for the peak of live
+    intermediates; cached per operator and batch, so repeated solver calls do not retrace.
+    """
+    batch = max(1, int(batch))
+    cache = _HVP_CACHE.setdefault(op, {})
+    if batch not in cache:
+        operand = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), op.operand
+        )
+        if batch == 1:
+            fn, vec = op.apply, jax.ShapeDtypeStruct((op.dim,), op.dtype)
+        else:
+            fn = jax.vmap(op.apply, in_axes=(0, None))
+            vec = jax.ShapeDtypeStruct((batch, op.dim), op.dtype)
+        closed = jax.make_jaxpr(fn)(vec, operand)
+        cache[batch] = _peak_live_bytes(closed.jaxpr)
+    return cache[batch]
+
+
+# ---------------------------------------------------------------------------------------
+# estimates
+
+
+def estimate_memory(
+    op_or_dim: LinearOperator | int | Any,
+    *,
+    num_steps: int | None = None,
+    k: int | None = None,
+    num_probes: int | None = None,
+    probe_batch_size: int | None = None,
+    basis_dtype: Any = None,
+    num_matvecs: int | None = None,
+    matvec_batch_size: int | None = None,
+    method: str = "hutch++",
+    op_dtype: Any = None,
+    dim: int | None = None,
+) -> MemoryEstimate:
+    """Bytes one solver call needs, by component (see :class:`MemoryEstimate`).
+
+    Which call is estimated follows from the arguments:
+
+    - ``k`` given: :func:`hessspec.top_eigenpairs` (``num_steps`` its basis size, default as
+      there; ``matvec_batch_size`` its residual matvecs);
+    - ``num_probes`` given: :func:`hessspec.spectral_density` (``num_steps`` per probe,
+      default 90; ``probe_batch_size`` probes at once, None = all);
+    - ``num_matvecs`` given: :func:`hessspec.trace` (``method``; ``matvec_batch_size`` is its
+      ``batch_size``);
+    - otherwise: one :func:`hessspec.lanczos_tridiag` run of ``num_steps``.
+
+    Args:
+        op_or_dim: a :class:`~hessspec.linop.LinearOperator` (all components), a plain
+            matvec callable with ``dim=``, or just the dimension (an int: operator data and
+            HVP working set are then 0, the solver arrays exact).
+        num_steps, k, num_probes, probe_batch_size, basis_dtype, num_matvecs,
+        matvec_batch_size, method: as in the solver estimated.
+        op_dtype: the operator's dtype when ``op_or_dim`` is an int (default: float32).
+        dim: vector length for a plain callable.
+
+    Returns:
+        :class:`MemoryEstimate` in bytes.
+    """
+    if isinstance(op_or_dim, int | np.integer) and not isinstance(op_or_dim, bool):
+        op = None
+        n = int(op_or_dim)
+        odt = np.dtype(np.float32 if op_dtype is None else op_dtype)
+    else:
+        op = as_operator(op_or_dim, dim)
+        n, odt = op.dim, op.dtype
+    sdt = solver_dtype(odt)
+    bdt = resolve_basis_dtype(odt, basis_dtype)
+    s_item, b_item, o_item = sdt.itemsize, bdt.itemsize, np.dtype(odt).itemsize
+
+    def hvp(batch):
+        return 0 if op is None else hvp_working_set(op, batch)
+
+    operator = 0 if op is None else operator_bytes(op)
+    hints: list[tuple[int, str]] = []
+    if k is not None:
+        solver = "top_eigenpairs"
+        k = int(k)
+        m = min(n, max(2 * k + 20, 3 * k)) if num_steps is None else int(num_steps)
+        p = min(m - 1, k + (m - k) // 2)
+        basis = m * n * b_item
+        # start vector, random-restart noise and f (solver dtype); k Ritz vectors at the end
+        probes = 3 * n * s_item + k * n * s_item
+        res_batch = k if matvec_batch_size is None else min(k, int(matvec_batch_size))
+        # thick restart: the kept Ritz vectors before they replace the basis; or the k
+        # residual products (and their inputs in the operator dtype) at the end
+        workspace = max(p * n * b_item, res_batch * n * (s_item + o_item))
+        hvp_bytes = max(hvp(1), hvp(res_batch))
+        if bdt.itemsize > 4:
+            hints.append((basis // 2, 'basis_dtype="float32"'))
+        hints.append((basis // 3, f"fewer num_steps (now {m}; memory grows with it)"))
+        if res_batch > 1:
+            hints.append((hvp_bytes - hvp(1), "matvec_batch_size=1 (residual matvecs)"))
+    elif num_probes is not None:
+        solver = "spectral_density"
+        m = 90 if num_steps is None else int(num_steps)
+        num_probes = int(num_probes)
+        pb = num_probes if probe_batch_size is None else min(num_probes, int(probe_batch_size))
+        basis = pb * m * n * b_item
+        probes = num_probes * n * s_item
+        # per probe run at once: f, the breakdown noise and the current vector (solver
+        # dtype), and the matvec input in the operator dtype
+        workspace = pb * n * (3 * s_item + o_item)
+        hvp_bytes = hvp(pb)
+        if bdt.itemsize > 4:
+            hints.append((basis // 2, 'basis_dtype="float32"'))
+        if pb > 1:
+            smaller = max(1, pb // 4)
+            saving = basis - basis * smaller // pb + hvp_bytes - hvp(smaller)
+            hints.append((saving, f"probe_batch_size={smaller} (now {pb} probes at once)"))
+        hints.append((basis // 3, f"fewer num_steps (now {m})"))
+    elif num_matvecs is not None:
+        solver = "trace"
+        total_mv = int(num_matvecs)
+        if method == "hutchinson":
+            sketch, g = 0, total_mv
+        else:
+            sketch = min(total_mv // 3, n)
+            g = 2 if sketch == n else total_mv - 2 * sketch
+        basis = 0
+        probes = (g + 2 * sketch) * n * s_item  # probes, sketch, Q
+        at_once = max(sketch, g) if matvec_batch_size is None else int(matvec_batch_size)
+        at_once = max(1, min(at_once, max(sketch, g)))
+        # products A S and A Q / A z of the batch (solver dtype) and their inputs
+        workspace = max(sketch, g) * n * s_item + at_once * n * o_item
+        hvp_bytes = hvp(at_once)
+        if at_once > 1:
+            hints.append((hvp_bytes - hvp(1), "batch_size=1 for the trace's matvecs"))
+        hints.append((probes // 2, f"fewer num_matvecs (now {total_mv})"))
+    else:
+        solver = "lanczos_tridiag"
+        m = 90 if num_steps is None else int(num_steps)
+        basis = m * n * b_item
+        probes = n * s_item
+        workspace = n * (3 * s_item + o_item)
+        hvp_bytes = hvp(1)
+        if bdt.itemsize > 4:
+            hints.append((basis // 2, 'basis_dtype="float32"'))
+        hints.append((basis // 3, f"fewer num_steps (now {m})"))
+    if op is not None and hvp_bytes > 0:
+        hints.append(
+            (
+                hvp_bytes // 2,
+                "a smaller batch_size for the operator (hs.hessian_operator(..., "
+                "batch_size=...): the HVP working set grows with it)",
+            )
+        )
+    total = basis + probes + operator + hvp_bytes + workspace
+    ordered = tuple(text for _, text in sorted(hints, key=lambda h: -h[0]))
+    return MemoryEstimate(
+        basis=int(basis),
+        probes=int(probes),
+        operator=int(operator),
+        hvp=int(hvp_bytes),
+        workspace=int(workspace),
+        total=int(total),
+        solver=solver,
+        hints=ordered,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# what is available
+
+
+def _host_available() -> int:
+    """Host RAM available: ``MemAvailable`` of /proc/meminfo (else ``os.sysconf``), capped
+    by a cgroup memory limit when one is set."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = None
+    cgroup = _cgroup_headroom()
+    if cgroup is not None:
+        avail = cgroup if avail is None else min(avail, cgroup)
+    if avail is None:
+        raise RuntimeError(
+            "available_memory: cannot read the free host memory (no /proc/meminfo, no "
+            "os.sysconf); pass available= explicitly, or check_memory=False."
+        )
+    return int(avail)
+
+
+def _cgroup_headroom() -> int | None:
+    pairs = (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),  # cgroup v1
+    )
+    for limit_path, usage_path in pairs:
+        try:
+            with open(limit_path) as fh:
+                text = fh.read().strip()
+            if text == "max":
+                return None
+            limit = int(text)
+            if limit >= 2**60:  # "no limit" sentinel
+                return None
+            with open(usage_path) as fh:
+                usage = int(fh.read().strip())
+            return max(0, limit - usage)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def available_memory(device: Any = None) -> int:
+    """Free memory in bytes for arrays on ``device`` (default: ``jax.devices()[0]``).
+
+    Accelerators: ``bytes_limit - bytes_in_use`` of ``device.memory_stats()`` where the
+    backend reports them. CPU (or no statistics): host RAM available (``MemAvailable`` of
+    /proc/meminfo, falling back to ``os.sysconf``), capped by a cgroup limit if any. All
+    CPU devices (also forced ones) share that host memory.
+    """
+    device = jax.devices()[0] if device is None else device
+    if getattr(device, "platform", "cpu") != "cpu":
+        try:
+            stats = device.memory_stats()
+        except Exception:  # noqa: BLE001 - backends without statistics
+            stats = None
+        if stats and "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return _host_available()
+
+
+def check_fits(
+    estimate: MemoryEstimate, available: float | None = None, device: Any = None
+) -> MemoryEstimate:
+    """Raise ``MemoryError`` if ``estimate.total`` exceeds the available memory.
+
+    Args:
+        estimate: from :func:`estimate_memory`.
+        available: bytes available; None asks :func:`available_memory` of ``device``.
+        device: the device the run uses (default: ``jax.devices()[0]``).
+
+    Returns:
+        ``estimate`` (when it fits).
+
+    Raises:
+        MemoryError: saying how much the run needs (by component), how much is available,
+            and which options lower the estimate.
+    """
+    where = "given" if available is not None else _device_name(device)
+    available = available_memory(device) if available is None else float(available)
+    if estimate.total <= available:
+        return estimate
+    options = "; ".join(estimate.hints) if estimate.hints else "a smaller problem"
+    raise MemoryError(
+        f"{estimate.solver}: this run needs about {estimate.summary()}, but only "
+        f"{format_bytes(available)} is available ({where}). Nothing was started. Lower the "
+        f"memory with: {options}. Or pass check_memory=False to run anyway (the estimate "
+        "of the HVP working set is approximate)."
+    )
+
+
+def _device_name(device: Any) -> str:
+    device = jax.devices()[0] if device is None else device
+    if getattr(device, "platform", "cpu") == "cpu":
+        return "host RAM"
+    return f"on {device}"
+
+
+def summarize(
+    estimates: MemoryEstimate | list[MemoryEstimate] | tuple[MemoryEstimate, ...],
+    available: float | None = None,
+    device: Any = None,
+) -> str:
+    """One line for a command-line tool, before a run starts.
+
+    The solver calls of a run happen one after another, so the run needs the largest of
+    their estimates.
+
+    Args:
+        estimates: one :class:`MemoryEstimate` or several (e.g. for top_eigenpairs,
+            spectral_density and trace on the same operator).
+        available: bytes available; None asks :func:`available_memory` of ``device``.
+        device: the device (default ``jax.devices()[0]``).
+
+    Returns:
+        e.g. ``"this run needs about 3.1 GiB (peak in spectral_density: basis ..., ...);
+        about 20.5 GiB available"``.
+    """
+    if isinstance(estimates, MemoryEstimate):
+        estimates = [estimates]
+    peak = max(estimates, key=lambda e: e.total)
+    available = available_memory(device) if available is None else float(available)
+    parts = peak.summary().split(" (", 1)
+    detail = parts[1][:-1] if len(parts) == 2 else ""
+    return (
+        f"this run needs about {parts[0]} (peak in {peak.solver}: {detail}); about "
+        f"{format_bytes(available)} available"
+    )

@@ -1,0 +1,320 @@
+"""Figures of a study, drawn from its results (the parsed results.json) and spectra arrays.
+
+Every function returns a ``matplotlib.figure.Figure`` built without pyplot (no display, no
+global state); :func:`hessspec.report.write_report` saves them as PNG. They read only the
+documented entries of results.json and spectra.npz, so a notebook can redraw a finished
+run with ``hessspec.report.load_results(folder)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from hessspec.report import spectra_key
+
+__all__ = [
+    "density_figure",
+    "draw_all",
+    "gradient_energy_figure",
+    "loss_curves_figure",
+    "outlier_ratio_figure",
+    "run_label",
+    "top_eigenvalues_figure",
+]
+
+_MODE_COLORS = {
+    None: "tab:red",
+    "train": "tab:blue",
+    "eval": "tab:green",
+    "population": "tab:purple",
+}
+_EXTRA = ("tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+
+
+def run_label(run: Mapping[str, Any]) -> str:
+    """Legend label of a run: its name, and its BatchNorm mode or "no BN"."""
+    mode = run.get("bn_mode")
+    return f"{run['name']} (BN, {mode})" if mode else f"{run['name']} (no BN)"
+
+
+def _runs(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in results.get("runs", []) if r.get("checkpoints")]
+
+
+def _colors(results: Mapping[str, Any]) -> dict[str, str]:
+    runs = _runs(results)
+    models = sorted({str(r.get("model")) for r in runs})
+    out = {}
+    for i, r in enumerate(runs):
+        if len(models) <= 1:
+            out[r["name"]] = _MODE_COLORS.get(r.get("bn_mode"), _EXTRA[i % len(_EXTRA)])
+        else:
+            out[r["name"]] = _EXTRA[i % len(_EXTRA)]
+    return out
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return math.ceil(n / cols), cols
+
+
+def _steps(results: Mapping[str, Any]) -> list[int]:
+    return sorted({c["step"] for r in _runs(results) for c in r["checkpoints"]})
+
+
+def density_figure(results: Mapping[str, Any], spectra: Mapping[str, np.ndarray]) -> Figure:
+    """The smoothed SLQ spectral density on a log y axis, one panel per checkpoint step,
+    every run overlaid (with and without BatchNorm). The kernel width σ of each curve is in
+    its legend entry."""
+    steps = _steps(results)
+    rows, cols = _grid(max(len(steps), 1))
+    fig = Figure(figsize=(4.6 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig.subplots_adjust(hspace=0.45, wspace=0.3)
+    colors = _colors(results)
+    for ax, step in zip(axes, steps, strict=False):
+        floor, top = np.inf, 0.0
+        for run in _runs(results):
+            gk = spectra_key(run["name"], step, "density_grid")
+            dk = spectra_key(run["name"], step, "density")
+            if gk not in spectra or dk not in spectra:
+                continue
+            grid, dens = np.asarray(spectra[gk]), np.asarray(spectra[dk])
+            ck = next(c for c in run["checkpoints"] if c["step"] == step)
+            sigma = ck.get("density_sigma")
+            label = run_label(run) + (f", σ={sigma:.2g}" if sigma else "")
+            ax.plot(grid, np.maximum(dens, 1e-300), color=colors[run["name"]], lw=1.1, label=label)
+            if dens.max() > 0:
+                floor = min(floor, dens.max() * 1e-7)
+                top = max(top, dens.max() * 3)
+        ax.set_yscale("log")
+        if np.isfinite(floor) and top > floor:
+            ax.set_ylim(floor, top)
+        ax.set_title(f"step {step}")
+        ax.set_xlabel("eigenvalue λ")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7, loc="upper right")
+    for ax in axes[len(steps) :]:
+        ax.set_visible(False)
+    fig.suptitle("Hessian spectral density (SLQ, Gaussian smoothing)", y=1.0)
+    return fig
+
+
+def top_eigenvalues_figure(results: Mapping[str, Any]) -> Figure:
+    """The top eigenvalues over training, one panel per run: λ1..λK dark, λK+1..λ2K light,
+    log y axis when all are positive."""
+    runs = _runs(results)
+    rows, cols = _grid(max(len(runs), 1), max_cols=2)
+    fig = Figure(figsize=(5.2 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig.subplots_adjust(hspace=0.45, wspace=0.3)
+    colors = _colors(results)
+    all_positive = all(
+        v is not None and v > 0
+        for r in runs
+        for c in r["checkpoints"]
+        for v in c.get("top_eigenvalues", [])
+    )
+    for ax, run in zip(axes, runs, strict=False):
+        steps = [c["step"] for c in run["checkpoints"]]
+        lam = np.array(
+            [[np.nan if v is None else v for v in c["top_eigenvalues"]] for c in run["checkpoints"]]
+        )
+        k = int(run.get("num_classes") or 1)
+        for i in range(lam.shape[1]):
+            ax.plot(
+                steps,
+                lam[:, i],
+                marker="o",
+                ms=2.5,
+                lw=1.0,
+                color=colors[run["name"]],
+                alpha=1.0 if i < k else 0.3,
+            )
+        if all_positive:
+            ax.set_yscale("log")
+        ax.set_title(run_label(run))
+        ax.set_xlabel("training step")
+        ax.set_ylabel("eigenvalue")
+    for ax in axes[len(runs) :]:
+        ax.set_visible(False)
+    fig.suptitle("Top Hessian eigenvalues over training (dark: λ1..λK, light: λK+1..λ2K)", y=1.02)
+    return fig
+
+
+def outlier_ratio_figure(results: Mapping[str, Any]) -> Figure:
+    """Outlier ratio λ1/bulk edge (solid) and λ1/λK (dashed) over training, every run."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    colors = _colors(results)
+    for run in _runs(results):
+        steps = [c["step"] for c in run["checkpoints"]]
+        ratio = [c.get("outlier_ratio") for c in run["checkpoints"]]
+        kth = [c.get("lambda1_over_lambdaK") for c in run["checkpoints"]]
+        ratio = [np.nan if v is None else v for v in ratio]
+        kth = [np.nan if v is None else v for v in kth]
+        color = colors[run["name"]]
+        ax.plot(steps, ratio, marker="o", color=color, label=f"{run_label(run)}: λ1/bulk edge")
+        ax.plot(steps, kth, ls="--", marker=".", color=color, alpha=0.7, label="   λ1/λK")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("ratio")
+    ax.set_title("Outliers against the bulk over training")
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def gradient_energy_figure(results: Mapping[str, Any]) -> Figure:
+    """Left: fraction of the gradient in the top-k eigenspace against k at the last
+    checkpoint (full batch: solid; mini-batch mean ± std: dashed and shaded), with k = K
+    marked. Right: the top-K fraction over training."""
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2)
+    fig.subplots_adjust(wspace=0.25)
+    colors = _colors(results)
+    k_ref = None
+    for run in _runs(results):
+        color = colors[run["name"]]
+        last = run["checkpoints"][-1]
+        full = np.array([np.nan if v is None else v for v in last["gradient_energy_full"]])
+        mean = np.array(
+            [np.nan if v is None else v for v in last["gradient_energy_minibatch_mean"]]
+        )
+        std = np.array([np.nan if v is None else v for v in last["gradient_energy_minibatch_std"]])
+        ks = np.arange(1, full.size + 1)
+        left.plot(ks, full, marker="o", ms=3, color=color, label=f"{run_label(run)}: full batch")
+        left.plot(ks, mean, ls="--", color=color, alpha=0.8, label="   mini-batch mean ± std")
+        left.fill_between(ks, mean - std, mean + std, color=color, alpha=0.15)
+        k = int(run.get("num_classes") or 1)
+        k_ref = k
+        steps = [c["step"] for c in run["checkpoints"]]
+        top_k = [
+            (c["gradient_energy_full"][k - 1] if len(c["gradient_energy_full"]) >= k else None)
+            for c in run["checkpoints"]
+        ]
+        top_k_mb = [
+            (
+                c["gradient_energy_minibatch_mean"][k - 1]
+                if len(c["gradient_energy_minibatch_mean"]) >= k
+                else None
+            )
+            for c in run["checkpoints"]
+        ]
+        right.plot(
+            steps,
+            [np.nan if v is None else v for v in top_k],
+            marker="o",
+            color=color,
+            label=f"{run_label(run)}: full batch",
+        )
+        right.plot(
+            steps,
+            [np.nan if v is None else v for v in top_k_mb],
+            ls="--",
+            marker=".",
+            color=color,
+            alpha=0.8,
+            label="   mini-batch mean",
+        )
+    if k_ref is not None:
+        left.axvline(k_ref, color="k", lw=0.8, ls=":")
+        left.text(k_ref, 0.95, f" k = K = {k_ref}", fontsize=8)
+    left.set_ylim(0, 1.02)
+    left.set_xlabel("k (number of top eigenvectors)")
+    left.set_ylabel("||P_k g||² / ||g||²")
+    steps_all = _steps(results)
+    left.set_title(
+        f"Gradient energy in the top-k eigenspace, step {steps_all[-1] if steps_all else ''}"
+    )
+    left.legend(fontsize=7, loc="lower right")
+    right.set_ylim(0, 1.02)
+    right.set_xlabel("training step")
+    right.set_ylabel("||P_K g||² / ||g||²")
+    right.set_title("Gradient energy in the top-K eigenspace over training")
+    right.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def _smooth(y: np.ndarray, window: int) -> np.ndarray:
+    if y.size < 2 or window <= 1:
+        return y
+    window = min(window, y.size)
+    kernel = np.ones(window) / window
+    head = np.cumsum(y[: window - 1]) / np.arange(1, window)
+    return np.concatenate([head, np.convolve(y, kernel, mode="valid")])
+
+
+def loss_curves_figure(results: Mapping[str, Any]) -> Figure:
+    """Left: the training mini-batch loss per step (running mean) and the train loss at the
+    checkpoints, log y. Right: test accuracy at the checkpoints."""
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2)
+    fig.subplots_adjust(wspace=0.25)
+    colors = _colors(results)
+    seen_curves = set()
+    for run in _runs(results):
+        color = colors[run["name"]]
+        curve = run.get("loss_curve") or {}
+        steps = np.asarray(curve.get("step") or [], dtype=float)
+        losses = np.asarray(
+            [np.nan if v is None else v for v in (curve.get("loss") or [])], dtype=float
+        )
+        key = (run.get("model"), run.get("batchnorm"))
+        if steps.size and key not in seen_curves:  # BN modes share one training
+            seen_curves.add(key)
+            window = max(1, steps.size // 50)
+            left.plot(
+                steps,
+                _smooth(losses, window),
+                color=color,
+                lw=1.0,
+                alpha=0.8,
+                label=f"{run['model']}{' + BN' if run.get('batchnorm') else ''}: mini-batch "
+                f"loss (mean of {window})",
+            )
+        cs = [c["step"] for c in run["checkpoints"]]
+        tl = [
+            np.nan if c.get("train_loss") is None else c["train_loss"] for c in run["checkpoints"]
+        ]
+        acc = [
+            np.nan if c.get("test_accuracy") is None else c["test_accuracy"]
+            for c in run["checkpoints"]
+        ]
+        left.plot(cs, tl, ls="none", marker="o", color=color, label=f"{run_label(run)}: train loss")
+        right.plot(cs, acc, marker="o", color=color, label=run_label(run))
+    left.set_yscale("log")
+    left.set_xlabel("training step")
+    left.set_ylabel("loss")
+    left.set_title("Training loss")
+    left.legend(fontsize=7, loc="lower right")
+    right.set_xlabel("training step")
+    right.set_ylabel("test accuracy")
+    right.set_title("Test accuracy at the checkpoints")
+    right.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def draw_all(
+    results: Mapping[str, Any], spectra: Mapping[str, np.ndarray]
+) -> dict[str, tuple[str, Figure]]:
+    """Every figure of a study: caption -> (file stem, Figure)."""
+    if not _runs(results):
+        return {}
+    return {
+        "Spectral density per checkpoint, with and without BatchNorm": (
+            "density",
+            density_figure(results, spectra),
+        ),
+        "Top eigenvalues over training": ("top_eigenvalues", top_eigenvalues_figure(results)),
+        "Outlier ratio over training": ("outlier_ratio", outlier_ratio_figure(results)),
+        "Gradient energy in the top-k eigenspace": (
+            "gradient_energy",
+            gradient_energy_figure(results),
+        ),
+        "Loss curves and test accuracy": ("loss_curves", loss_curves_figure(results)),
+    }

@@ -1,0 +1,191 @@
+"""The output folder: atomic writes, refusing to overwrite, the results.json schema, the
+findings, report.md and the figures, on constructed results (no training)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hessspec.report import (
+    OutputFolderError,
+    ResultsWriter,
+    atomic_write_bytes,
+    atomic_write_text,
+    findings,
+    load_results,
+    prepare_output_dir,
+    render_report,
+    spectra_key,
+    validate_results,
+    write_report,
+)
+
+K = 3
+
+
+def _checkpoint(step, top, energy, rng):
+    """A checkpoint record with top eigenvalues ``top`` (largest first) and full-batch
+    gradient energies ``energy`` (cumulative)."""
+    k = len(top)
+    mb = np.clip(np.asarray(energy) - 0.05, 0, 1)
+    return {
+        "train_loss": 1.0 / (1 + step),
+        "train_accuracy": 0.5,
+        "test_loss": 1.2 / (1 + step),
+        "test_accuracy": 0.4 + 0.01 * step,
+        "top_eigenvalues": list(top),
+        "residuals": list(1e-6 * rng.random(k)),
+        "relative_residuals": list(1e-7 * rng.random(k)),
+        "converged": [True] * k,
+        "trace": float(np.sum(top) * 3),
+        "trace_stderr": 0.1,
+        "num_outliers": K,
+        "bulk_edge": float(top[K]),
+        "outlier_ratio": float(top[0] / top[K]),
+        "lambda1_over_lambdaK": float(top[0] / top[K - 1]),
+        "density_sigma": 0.01,
+        "gradient_energy_full": list(energy),
+        "gradient_energy_minibatch_mean": list(mb),
+        "gradient_energy_minibatch_std": [0.02] * k,
+        "warnings": [],
+    }
+
+
+def _study(tmp_path):
+    """A results.json and spectra.npz written by ResultsWriter for two runs: without BN
+    (three clear outliers, energy concentrated) and with BN (flat top)."""
+    rng = np.random.default_rng(0)
+    writer = ResultsWriter(
+        tmp_path,
+        {"hessspec_version": "test", "config": {"title": "t", "train": {"steps": 10}},
+         "data": {"name": "toy", "num_classes": K}, "settings": {"top_k": 2 * K},
+         "checkpoint_steps": [0, 10], "command": "python -m hessspec.run"},
+    )  # fmt: skip
+    plain = writer.add_run({"name": "mlp", "model": "mlp", "batchnorm": False, "bn_mode": None,
+                            "num_params": 100, "num_classes": K})  # fmt: skip
+    bn = writer.add_run({"name": "mlp-bn-train", "model": "mlp", "batchnorm": True,
+                         "bn_mode": "train", "num_params": 104, "num_classes": K})  # fmt: skip
+    for step in (0, 10):
+        for run, top, energy in (
+            (plain, [40.0, 30.0, 20.0, 2.0, 1.9, 1.8], [0.3, 0.6, 0.9, 0.91, 0.92, 0.93]),
+            (bn, [2.0, 1.9, 1.8, 1.7, 1.6, 1.5], [0.1, 0.2, 0.3, 0.35, 0.4, 0.45]),
+        ):
+            grid = np.linspace(-1, 45, 500)
+            arrays = {
+                "nodes": np.sort(rng.random((2, 5)) * top[0], axis=1),
+                "weights": np.full((2, 5), 0.2),
+                "eigenvalues": np.array(top),
+                "density_grid": grid,
+                "density": np.exp(-(grid**2)) + 1e-6,
+            }
+            writer.add_checkpoint(run, step, _checkpoint(step, top, energy, rng), arrays)
+    writer.set_loss_curve(plain, np.arange(1, 11), np.linspace(2, 0.5, 10))
+    writer.set_loss_curve(bn, np.arange(1, 11), np.linspace(2, 0.3, 10))
+    writer.update(status="complete", timing={"seconds_total": 1.5})
+    return writer
+
+
+def test_atomic_writes_leave_no_partial_file(tmp_path):
+    path = tmp_path / "sub" / "f.json"
+    atomic_write_text(path, "one")
+    assert path.read_text() == "one"
+    with pytest.raises(TypeError):
+        atomic_write_bytes(path, "not bytes")  # fails while writing the temporary file
+    assert path.read_text() == "one"
+    assert [p.name for p in path.parent.iterdir()] == ["f.json"]
+
+
+def test_prepare_output_dir(tmp_path):
+    out = tmp_path / "new" / "deeper"
+    assert prepare_output_dir(out, overwrite=False) == out and out.is_dir()
+    assert prepare_output_dir(out, overwrite=False) == out  # empty: fine
+    (out / "results.json").write_text("{}")
+    (out / "figures").mkdir()
+    (out / "figures" / "density.png").write_bytes(b"x")
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(OutputFolderError, match="--overwrite"):
+        prepare_output_dir(out, overwrite=False)
+    assert (out / "results.json").exists()
+    prepare_output_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.rglob("*")) == ["figures", "mine.txt"]
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    with pytest.raises(OutputFolderError, match="not a folder"):
+        prepare_output_dir(file, overwrite=True)
+
+
+def test_writer_files_roundtrip_and_validate(tmp_path):
+    writer = _study(tmp_path)
+    results, spectra = load_results(tmp_path)
+    assert results == json.loads(json.dumps(writer.results))
+    assert validate_results(results) == []
+    assert [c["step"] for c in results["runs"][0]["checkpoints"]] == [0, 10]
+    np.testing.assert_array_equal(
+        spectra[spectra_key("mlp-bn-train", 10, "eigenvalues")], [2.0, 1.9, 1.8, 1.7, 1.6, 1.5]
+    )
+    assert results["runs"][1]["loss_curve"]["loss"][-1] == pytest.approx(0.3)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_non_finite_numbers_become_null(tmp_path):
+    writer = ResultsWriter(tmp_path, {"hessspec_version": "x", "config": {}, "nan": np.nan})
+    writer.update(value=np.float32(np.inf), count=np.int64(3), flag=np.bool_(True))
+    text = (tmp_path / "results.json").read_text()
+    data = json.loads(text)
+    assert data["nan"] is None and data["value"] is None
+    assert data["count"] == 3 and data["flag"] is True
+
+
+def test_validate_results_finds_problems(tmp_path):
+    results, _ = load_results(_study(tmp_path).out_dir)
+    bad = json.loads(json.dumps(results))
+    del bad["runs"][0]["checkpoints"][0]["trace"]
+    bad["runs"][0]["checkpoints"][1]["top_eigenvalues"].reverse()
+    bad["runs"][1]["bn_mode"] = None
+    bad["runs"][1]["checkpoints"][0]["gradient_energy_full"] = [0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+    bad["runs"][0]["num_params"] = "100"
+    problems = "\n".join(validate_results(bad))
+    assert "missing key 'trace'" in problems
+    assert "not sorted largest first" in problems
+    assert "a BN run needs train/eval/population" in problems
+    assert "not non-decreasing" in problems
+    assert "runs[0].num_params" in problems
+    assert validate_results({"runs": []})  # no version, config, status
+
+
+def test_findings_and_report_state_measured_numbers(tmp_path):
+    results, spectra = load_results(_study(tmp_path).out_dir)
+    (f,) = findings(results)
+    assert f["step"] == 10 and f["bn_mode"] == "train"
+    assert f["outlier_ratio_plain"] == pytest.approx(20.0)
+    assert f["outlier_ratio_bn"] == pytest.approx(2.0 / 1.7)
+    assert f["outlier_ratio_quotient"] == pytest.approx(20.0 / (2.0 / 1.7))
+    assert f["energy_topK_plain"] == pytest.approx(0.9)
+    assert f["energy_topK_difference"] == pytest.approx(0.6)
+    text = render_report(results, {"Density": "figures/density.png"})
+    assert "17 times larger without BN" in text  # 20 / (2.0 / 1.7) = 17.0
+    assert "0.9 without BN, 0.3 with BN (difference 0.6)" in text
+    assert "This run shows" in text
+    assert "![Density](figures/density.png)" in text
+    assert "σ" in text
+
+
+def test_write_report_draws_every_figure(tmp_path):
+    _study(tmp_path)
+    figures = write_report(tmp_path)
+    assert len(figures) == 5
+    for rel in figures.values():
+        data = (tmp_path / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    report = (tmp_path / "report.md").read_text()
+    assert all(rel in report for rel in figures.values())
+
+
+def test_report_of_an_interrupted_run(tmp_path):
+    writer = ResultsWriter(tmp_path, {"hessspec_version": "x", "config": {}, "status": "running"})
+    writer.add_run({"name": "mlp", "model": "mlp", "batchnorm": False, "bn_mode": None,
+                    "num_params": 1, "num_classes": K})  # fmt: skip
+    writer.update(status="interrupted")
+    results, _ = load_results(tmp_path)
+    text = render_report(results, {})
+    assert "Status: interrupted" in text and "no comparison" in text
