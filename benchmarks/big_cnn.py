@@ -61,18 +61,26 @@ def main():
     basis_dtype = None if args.basis_dtype in ("none", "None") else args.basis_dtype
 
     t_all = time.perf_counter()
-    print(f"devices: {jax.devices()}  (jax {jax.__version__}); load average {os.getloadavg()}")
+    print(
+        f"devices: {jax.devices()}  (jax {jax.__version__}); load average {os.getloadavg()}",
+        flush=True,
+    )
     data = hs.load_digits("all", dtype=np.float32)
     batch = {"x": jnp.asarray(data.x), "y": jnp.asarray(data.y)}
     model = build_model("cnn", args.width)
     obj = make_objective(model, "cross_entropy")
     op = hs.hessian_operator(obj.loss_fn, obj.params, batch, batch_size=args.batch_size)
     rows = []
+
+    def note(name, sec, text=""):
+        rows.append((name, sec, text))
+        print(f"  {name}: {sec:.1f} s {text}", flush=True)
+
     if not args.no_linearize:
         t = time.perf_counter()
         op = linearize(op)
         jax.block_until_ready(op.operand)
-        rows.append(("linearize (loss forward/backward once)", time.perf_counter() - t, ""))
+        note("linearize (loss forward/backward once)", time.perf_counter() - t)
     print(
         f"model: WideHeadCNN hidden=({args.width}, {args.width}), {op.dim} parameters, "
         f"{len(data.x)} digits, batch_size={args.batch_size}, linearized="
@@ -93,33 +101,31 @@ def main():
             )
         )
     if estimates:
-        print(memory.summarize(estimates))
+        print(memory.summarize(estimates), flush=True)
 
     v = jax.random.normal(jax.random.key(0), (op.dim,), jnp.float32)
     t = time.perf_counter()
     op.matvec(v).block_until_ready()
-    rows.append(("first HVP (compile + run)", time.perf_counter() - t, ""))
+    note("first HVP (compile + run)", time.perf_counter() - t)
     times = []
     for _ in range(3):
         t = time.perf_counter()
         op.matvec(v).block_until_ready()
         times.append(time.perf_counter() - t)
     t_hvp = float(np.median(times))
-    rows.append(("one HVP (median of 3)", t_hvp, ""))
+    note("one HVP (median of 3)", t_hvp)
 
     if not args.skip_top:
         t = time.perf_counter()
         eig = hs.top_eigenpairs(op, args.k, basis_dtype=basis_dtype)
         dt = time.perf_counter() - t
         rel = np.max(eig.residuals / np.max(np.abs(eig.values)))
-        rows.append(
-            (
-                f"top-{args.k} eigenpairs",
-                dt,
-                f"{eig.num_matvecs} matvecs, {int(np.sum(eig.converged))}/{args.k} converged, "
-                f"max residual/lambda_1 {rel:.1e}, lambda_1 {eig.values[0]:.4g}, "
-                f"lambda_{args.k} {eig.values[-1]:.4g}",
-            )
+        note(
+            f"top-{args.k} eigenpairs",
+            dt,
+            f"{eig.num_matvecs} matvecs, {int(np.sum(eig.converged))}/{args.k} converged, "
+            f"max residual/lambda_1 {rel:.1e}, lambda_1 {eig.values[0]:.4g}, "
+            f"lambda_{args.k} {eig.values[-1]:.4g}",
         )
     if not args.skip_slq:
         t = time.perf_counter()
@@ -131,14 +137,12 @@ def main():
             basis_dtype=basis_dtype,
         )
         dt = time.perf_counter() - t
-        rows.append(
-            (
-                f"SLQ density {args.probes} x {args.steps}",
-                dt,
-                f"{args.probes * args.steps} matvecs, nodes in [{sd.lambda_min:.3g}, "
-                f"{sd.lambda_max:.3g}], {dt / (args.probes * args.steps) / t_hvp:.2f} x HVP "
-                "per step",
-            )
+        note(
+            f"SLQ density {args.probes} x {args.steps}",
+            dt,
+            f"{args.probes * args.steps} matvecs, nodes in [{sd.lambda_min:.3g}, "
+            f"{sd.lambda_max:.3g}], {dt / (args.probes * args.steps) / t_hvp:.2f} x HVP "
+            "per step",
         )
     total = time.perf_counter() - t_all
     rows.append(("total wall time (incl. data, model, compiles)", total, ""))

@@ -164,8 +164,14 @@ class AnalysisConfig:
     )
     batch_size: int = _f(
         0,
-        "examples per batch of the Hessian and gradient; 0: train.batch_size. In BN train "
-        "mode this fixes the batches whose statistics the loss uses",
+        "BN train mode: the analysis set is cut into batches of this many examples, each "
+        "normalised with its own statistics (this defines the analysed function); 0: "
+        "train.batch_size. Also the batch size of the train/test metrics",
+    )
+    chunk_size: int = _f(
+        0,
+        "examples per Hessian-vector-product chunk, to bound memory on big models; 0: the "
+        "whole analysis set at once (rounded to a multiple of analysis.batch_size)",
     )
     top_k: int = _f(0, "number of top eigenpairs; 0: 2K (K = number of classes)")
     lanczos_steps: int = _f(0, "Lanczos steps for the top eigenpairs; 0: the library default")
@@ -519,6 +525,7 @@ def validate(config: Config) -> Config:
     for key in (
         "size",
         "batch_size",
+        "chunk_size",
         "top_k",
         "lanczos_steps",
         "minibatch_size",

@@ -5,18 +5,29 @@ Two layers:
 * :func:`lanczos_tridiag` is the plain iteration. From a start vector ``v_0`` it builds an
   orthonormal Krylov basis ``V = [v_0, ..., v_{m-1}]`` of ``K_m(A, v_0)`` and the symmetric
   tridiagonal ``T_m = V^T A V`` (diagonal ``alphas``, off-diagonal ``betas``), in one compiled
-  ``lax.while_loop``. Every new vector is orthogonalized against the whole stored basis by
-  classical Gram-Schmidt, twice ("twice is enough", Giraud et al. 2005), so the basis stays
-  orthonormal to working precision and no spurious copies of converged eigenvalues appear.
-  Used by stochastic Lanczos quadrature (:mod:`hessspec.density`).
+  ``lax.while_loop``. Full reorthogonalization: each step applies the three-term recurrence
+  and then one classical Gram-Schmidt pass against the whole stored basis (two passes,
+  "twice is enough" (Giraud et al. 2005), where the recurrence does not hold: the first
+  vector of a run or of a thick restart, a fresh vector after a breakdown), so the basis
+  stays orthonormal to working precision and no spurious copies of converged eigenvalues
+  appear. Used by stochastic Lanczos quadrature (:mod:`hessspec.density`).
 * :func:`top_eigenpairs` computes the ``k`` largest (or smallest) eigenpairs by thick-restart
   Lanczos (Wu & Simon 2000) on top of the same compiled step loop, with convergence judged
   by residual norms ``||A v - lambda v||`` computed with real matvecs.
 
-Precision: the basis, the reorthogonalization and the projected matrix live in
+Cost of a step beyond its matvec: the Gram-Schmidt pass reads the filled rows of the basis
+twice. A large basis is stored in row blocks (:data:`NUM_BASIS_BLOCKS`) so that step ``j``
+reads only the blocks holding rows ``0..j`` (about half the basis on average); the current
+and previous Lanczos vectors are carried in the loop, never read back; the basis and the
+projected matrix are updated in place (one row per step), and top_eigenpairs donates them
+between its compiled calls. There is no host round trip inside a run of steps.
+
+Precision: the reorthogonalization arithmetic and the projected matrix live in
 :func:`hessspec.linop.solver_dtype` of the operator's dtype -- float64 whenever jax's x64 flag
 is on, even for a float32 operator (each vector is cast to the operator's dtype for the matvec
-and the product cast back). The flag itself is never changed.
+and the product cast back). The basis is stored in the same dtype, or in float32 with
+``basis_dtype="float32"`` (half the memory and traffic; orthonormal to ~1e-7). The flag
+itself is never changed.
 
 Compilation: the loops are jitted with the operator's ``apply`` function static and its
 ``operand`` (parameters, data) traced, so a second call on the same operator, with any key,

@@ -61,6 +61,10 @@ class MemoryEstimate(NamedTuple):
         solver: which call this is for (``"top_eigenpairs"``, ``"spectral_density"``,
             ``"trace"``, ``"lanczos_tridiag"``).
         hints: options that lower the estimate, largest saving first (for messages).
+        devices: devices the operator's data lives on. The solvers' vectors are
+            replicated on each: on CPU (where all devices share host RAM) the components
+            are host totals (solver arrays times ``devices``, every data shard); on
+            accelerators they are per device (data and HVP working set divided among them).
     """
 
     basis: int
@@ -71,6 +75,7 @@ class MemoryEstimate(NamedTuple):
     total: int
     solver: str
     hints: tuple[str, ...]
+    devices: int = 1
 
     def summary(self) -> str:
         """``"2.1 GiB (basis 1.6 GiB, probes ..., operator ..., HVP ..., workspace ...)"``."""
@@ -114,6 +119,18 @@ def _leaf_bytes(leaf: Any) -> int:
 def operator_bytes(op: LinearOperator) -> int:
     """Bytes of ``op.operand`` (parameters, data) as stored, summed over every device copy."""
     return int(sum(_leaf_bytes(leaf) for leaf in jax.tree_util.tree_leaves(op.operand)))
+
+
+def _operand_devices(op: LinearOperator) -> tuple[int, str]:
+    """(number of devices, platform) of the operator's data (1, "cpu" for host arrays)."""
+    count, platform = 1, "cpu"
+    for leaf in jax.tree_util.tree_leaves(op.operand):
+        sharding = getattr(leaf, "sharding", None)
+        devices = getattr(sharding, "device_set", None)
+        if devices:
+            count = max(count, len(devices))
+            platform = next(iter(devices)).platform
+    return count, platform
 
 
 def _aval_bytes(v: Any) -> int:
@@ -184,7 +201,13 @@ def hvp_working_set(op: LinearOperator, batch: int = 1) -> int:
     intermediates; cached per operator and batch, so repeated solver calls do not retrace.
     """
     batch = max(1, int(batch))
-    cache = _HVP_CACHE.setdefault(op, {})
+    # a plain callable is wrapped anew per solver call, with one stable apply: key on that
+    owner = op.apply if not jax.tree_util.tree_leaves(op.operand) else op
+    try:
+        cache = _HVP_CACHE.setdefault(owner, {})
+    except TypeError:  # not weak-referenceable
+        cache = {}
+    cache = cache.setdefault((op.dim, np.dtype(op.dtype).str), {})
     if batch not in cache:
         operand = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), op.operand
@@ -256,6 +279,7 @@ def estimate_memory(
         return 0 if op is None else hvp_working_set(op, batch)
 
     operator = 0 if op is None else operator_bytes(op)
+    ndev, platform = (1, "cpu") if op is None else _operand_devices(op)
     hints: list[tuple[int, str]] = []
     if k is not None:
         solver = "top_eigenpairs"
@@ -329,6 +353,11 @@ def estimate_memory(
                 "batch_size=...): the HVP working set grows with it)",
             )
         )
+    if ndev > 1:
+        if platform == "cpu":  # every CPU device keeps its copy of the vectors in host RAM
+            basis, probes, workspace = basis * ndev, probes * ndev, workspace * ndev
+        else:  # per accelerator: its share of the data and of the HVP's activations
+            operator, hvp_bytes = operator // ndev, hvp_bytes // ndev
     total = basis + probes + operator + hvp_bytes + workspace
     ordered = tuple(text for _, text in sorted(hints, key=lambda h: -h[0]))
     return MemoryEstimate(
@@ -340,6 +369,7 @@ def estimate_memory(
         total=int(total),
         solver=solver,
         hints=ordered,
+        devices=int(ndev),
     )
 
 

@@ -484,8 +484,10 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str]) -> str
         f"{data.get('num_classes')} classes (K); preprocessing "
         f"{data.get('preprocessing')}.",
         f"- Analysis set: {data.get('analysis_size')} fixed training examples; Hessian and "
-        f"full-batch gradient over batches of {settings.get('hvp_batch_size')} "
-        "(in BatchNorm train mode each batch uses its own statistics).",
+        "full-batch gradient of the mean loss over them, cut into batches of "
+        f"{settings.get('hvp_batch_size')} (in BatchNorm train mode each batch is "
+        "normalised with its own statistics; without BN and in eval/population mode the "
+        "cut does not matter).",
         f"- Training: {tcfg.get('optimizer')} (learning rate {tcfg.get('learning_rate')}, "
         f"momentum {tcfg.get('momentum')}, batch {tcfg.get('batch_size')}, weight decay "
         f"{tcfg.get('weight_decay')}) for {tcfg.get('steps')} steps, seed {cfg.get('seed')}; "

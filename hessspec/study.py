@@ -16,9 +16,13 @@ training step, in one BatchNorm mode) and measures, on a fixed analysis set:
 
 The Hessian and the full-batch gradient are those of ``sum_b (|b|/N) L_b`` over the
 analysis set cut into consecutive batches of ``hvp_batch_size`` (exactly the dataset-mean
-loss without BatchNorm; in BN train mode the function whose batches use their own
-statistics). Every metric is computed in the objective's BN mode. It knows nothing of files:
-it returns a JSON-ready record and a dict of arrays.
+loss without BatchNorm and in eval/population mode; in BN train mode the function whose
+batches use their own statistics, as in :func:`hessspec.hessian_operator` with that batch
+size). In train mode the batches are vmapped inside one loss evaluation, so a
+Hessian-vector product is one compiled program over the whole analysis set (or over chunks
+of ``chunk_size``) rather than a loop over small batches. Every metric is computed in the
+objective's BN mode. It knows nothing of files: it returns a JSON-ready record and a dict
+of arrays.
 """
 
 from __future__ import annotations
@@ -70,7 +74,12 @@ class StudySettings:
         matvec_batch_size: matvecs vmapped together in the trace estimate and the residual
             check of the eigenpairs (None: all at once).
         trace_method: ``"hutch++"`` or ``"hutchinson"``.
-        hvp_batch_size: batch size of the Hessian/gradient over the analysis set.
+        hvp_batch_size: the analysis set is cut into consecutive batches of this many
+            examples; in BN train mode each batch is normalised with its own statistics
+            (this defines the analysed function); otherwise the loss separates over
+            examples and the batches only group the work.
+        chunk_size: examples per Hessian-vector-product chunk (a memory bound; None: the
+            whole analysis set at once); a multiple of ``hvp_batch_size``.
         num_minibatches: number of mini-batch gradients.
         minibatch_size: examples per mini-batch gradient.
         eval_batch_size: batch size of the loss/accuracy evaluation.
@@ -86,6 +95,7 @@ class StudySettings:
     matvec_batch_size: int | None
     trace_method: str
     hvp_batch_size: int
+    chunk_size: int | None
     num_minibatches: int
     minibatch_size: int
     eval_batch_size: int
@@ -112,6 +122,9 @@ def resolve_settings(
     if steps is not None:
         steps = min(max(steps, k + 1), dim)
     hvp_bs = min(analysis.batch_size or train.batch_size, analysis_size)
+    chunk = None
+    if analysis.chunk_size and analysis.chunk_size < analysis_size:
+        chunk = max(hvp_bs, analysis.chunk_size // hvp_bs * hvp_bs)
     mb = min(analysis.minibatch_size or train.batch_size, train_size)
     return StudySettings(
         top_k=k,
@@ -124,6 +137,7 @@ def resolve_settings(
         matvec_batch_size=analysis.matvec_batch_size or None,
         trace_method=analysis.trace_method,
         hvp_batch_size=hvp_bs,
+        chunk_size=chunk,
         num_minibatches=analysis.num_minibatches,
         minibatch_size=mb,
         eval_batch_size=hvp_bs,
@@ -220,14 +234,34 @@ class CheckpointAnalyzer:
         def loss_with(params, stats, batch):
             return output_loss(logits(params, stats, batch["x"]), batch, loss)
 
-        def op_loss(params, batch):
-            """Mean loss of a batch ``{"x", "y", "stats"}`` (stats tiled per example)."""
-            return loss_with(params, _first(batch["stats"]), batch)
+        batch_stats = objective.bn_mode == "train"
+        bs = settings.hvp_batch_size
+
+        def op_loss(params, chunk):
+            """Mean loss over a chunk ``{"x", "y", "stats"}`` (stats tiled per example) of
+            the analysis set. In BN train mode the chunk is cut into consecutive batches of
+            ``bs``, each normalised with its own statistics (vmapped over the full batches,
+            a ragged rest on its own), weighted by size: ``(1/n) sum_b |b| L_b``."""
+            stats = _first(chunk["stats"])
+            data = {"x": chunk["x"], "y": chunk["y"]}
+            n = chunk["x"].shape[0]
+            if not batch_stats or n <= bs:
+                return loss_with(params, stats, data)
+            full = n // bs * bs
+            batched = jax.tree_util.tree_map(
+                lambda a: a[:full].reshape(full // bs, bs, *a.shape[1:]), data
+            )
+            per_batch = jax.vmap(lambda b: loss_with(params, stats, b))(batched)
+            total = jnp.sum(per_batch) * bs
+            if full < n:
+                rest = jax.tree_util.tree_map(lambda a: a[full:], data)
+                total = total + loss_with(params, stats, rest) * (n - full)
+            return total / n
 
         self._op_loss = op_loss
         self._template = None
         self._value_and_grad = jax.jit(
-            lambda p, s, b: _ravel_grad(jax.value_and_grad(loss_with), p, s, b)
+            lambda p, chunk: _ravel_grad(jax.value_and_grad(op_loss), p, chunk)
         )
 
         def metrics(params, stats, x, y):
@@ -247,13 +281,19 @@ class CheckpointAnalyzer:
 
         self._minibatch_grads = jax.jit(minibatch_grads)
 
-    def operator(self, objective: Objective) -> LinearOperator:
-        """The Hessian of the analysed loss at ``objective.params`` over the analysis set,
-        in batches of ``settings.hvp_batch_size`` (compiled programs shared between calls)."""
+    def _data(self, objective: Objective) -> dict[str, Any]:
         n = self.analysis_set.num_examples
-        data = {**self.analysis_set.batch, "stats": _tile(objective.stats, n)}
+        return {**self.analysis_set.batch, "stats": _tile(objective.stats, n)}
+
+    def operator(self, objective: Objective) -> LinearOperator:
+        """The Hessian of the analysed loss at ``objective.params`` over the analysis set
+        (batches of ``settings.hvp_batch_size``, computed in chunks of
+        ``settings.chunk_size``), sharing compiled programs with the earlier calls."""
         op = hessian_operator(
-            self._op_loss, objective.params, data, batch_size=self.settings.hvp_batch_size
+            self._op_loss,
+            objective.params,
+            self._data(objective),
+            batch_size=self.settings.chunk_size,
         )
         if self._template is None:
             self._template = op
@@ -274,18 +314,16 @@ class CheckpointAnalyzer:
         )
 
     def full_gradient(self, objective: Objective) -> tuple[float, np.ndarray]:
-        """``(loss, flat gradient)`` of ``sum_b (|b|/N) L_b`` over the analysis set in the
-        operator's batches (consecutive, the last one ragged), in float64."""
+        """``(loss, flat gradient)`` of the operator's function, ``sum_b (|b|/N) L_b`` over
+        the analysis set (same batches, same chunks), accumulated in float64."""
+        data = self._data(objective)
         n = self.analysis_set.num_examples
-        bs = self.settings.hvp_batch_size
+        size = self.settings.chunk_size or n
         total_loss, total_grad = 0.0, None
-        for start in range(0, n, bs):
-            batch = {
-                k: jnp.asarray(v[start : start + bs]) for k, v in self.analysis_set.batch.items()
-            }
-            nb = int(batch["x"].shape[0])
-            value, grad = self._value_and_grad(objective.params, objective.stats, batch)
-            w = nb / n
+        for start in range(0, n, size):
+            chunk = jax.tree_util.tree_map(lambda a, s=start: jnp.asarray(a[s : s + size]), data)
+            w = int(chunk["x"].shape[0]) / n
+            value, grad = self._value_and_grad(objective.params, chunk)
             total_loss += w * float(value)
             g = np.asarray(grad, dtype=np.float64) * w
             total_grad = g if total_grad is None else total_grad + g
@@ -460,6 +498,6 @@ class CheckpointAnalyzer:
         return CheckpointAnalysis(record=record, arrays=arrays)
 
 
-def _ravel_grad(value_and_grad: Callable, params, stats, batch):
-    value, grad = value_and_grad(params, stats, batch)
+def _ravel_grad(value_and_grad: Callable, params, chunk):
+    value, grad = value_and_grad(params, chunk)
     return value, ravel_pytree(grad)[0]

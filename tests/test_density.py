@@ -155,3 +155,14 @@ def test_density_errors_and_nan_matvec(outlier_matrix):
         dens.density(np.zeros(3), sigma=0.0)
     with pytest.raises(ValueError, match="1-D"):
         dens.density(np.zeros((3, 2)))
+
+
+def test_blocked_basis_matches_one_block(outlier_matrix, monkeypatch):
+    from hessspec import lanczos
+
+    op = dense_op(outlier_matrix[0])
+    one = hs.spectral_density(op, num_probes=3, num_steps=STEPS)
+    monkeypatch.setattr(lanczos, "BLOCKED_MIN_ELEMENTS", 0)
+    blocked = hs.spectral_density(op, num_probes=3, num_steps=STEPS)
+    np.testing.assert_allclose(blocked.nodes, one.nodes, atol=1e-9)
+    np.testing.assert_allclose(blocked.weights, one.weights, atol=1e-9)

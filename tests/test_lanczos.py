@@ -233,3 +233,31 @@ def test_plain_callable_reproducible_and_no_recompilation():
     direct = hs.top_eigenpairs(matvec, 5, num_steps=M, dim=N, matvec_batch_size=2)
     np.testing.assert_allclose(direct.values, first.values, rtol=1e-13)
     np.testing.assert_allclose(direct.residuals, first.residuals, rtol=1e-6, atol=1e-13)
+
+
+def test_blocked_basis_matches_one_block(monkeypatch):
+    """Large bases are stored in row blocks and reorthogonalized only against the filled
+    ones; force that layout on a small problem and compare with the one-block results."""
+    from hessspec import lanczos
+
+    a, ev, q = matrix_with_spectrum(outliers_and_bulk(9), seed=9)
+    op = dense_op(a)
+    v0 = np.random.default_rng(9).normal(size=N)
+    one = hs.lanczos_tridiag(op.apply, op.operand, v0, M, op.dtype)
+    low = hs.top_eigenpairs(op, 5, num_steps=M, which="smallest")
+    b, _, _ = matrix_with_spectrum(np.repeat([3.0, 1.0, -2.0], [70, 65, 65]), seed=4)
+    monkeypatch.setattr(lanczos, "BLOCKED_MIN_ELEMENTS", 0)
+    assert lanczos._num_blocks(M, N) == lanczos.NUM_BASIS_BLOCKS
+    blocked = hs.lanczos_tridiag(op.apply, op.operand, v0, M, op.dtype)
+    np.testing.assert_allclose(blocked.alphas, one.alphas, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(blocked.betas, one.betas, rtol=0, atol=1e-10)
+    basis = np.asarray(blocked.basis)
+    np.testing.assert_allclose(basis @ basis.T, np.eye(M), atol=1e-13)
+    # thick restarts, verification, and fresh vectors after breakdowns, all in blocks
+    res = hs.top_eigenpairs(op, 5, num_steps=M, which="smallest")
+    assert_pairs_match(res, a, ev[:5], q[:, :5])
+    np.testing.assert_allclose(res.values, low.values, rtol=1e-12)
+    res = hs.top_eigenpairs(dense_op(b), 5, num_steps=M)
+    np.testing.assert_allclose(res.values, 3.0, rtol=1e-12)
+    vecs = np.asarray(res.vectors)
+    np.testing.assert_allclose(vecs @ vecs.T, np.eye(5), atol=1e-12)

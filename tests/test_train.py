@@ -112,6 +112,10 @@ def test_resolve_settings_and_density_grid():
 
     s = resolve_settings(AnalysisConfig(), TrainConfig(batch_size=64), 10, 5000, 512, 1000)
     assert s.top_k == 20 and s.hvp_batch_size == 64 and s.minibatch_size == 64
+    assert s.chunk_size is None
+    s = resolve_settings(AnalysisConfig(chunk_size=200), TrainConfig(batch_size=64), 10, 5000,
+                         512, 1000)  # fmt: skip
+    assert s.chunk_size == 192  # a multiple of the batch size
     s = resolve_settings(AnalysisConfig(top_k=50, slq_steps=90), TrainConfig(), 10, 30, 20, 40)
     assert s.top_k == 29 and s.slq_steps == 30 and s.hvp_batch_size == 20
     grid = density_grid(-1.0, 2.0, 0.01)
@@ -119,19 +123,20 @@ def test_resolve_settings_and_density_grid():
     assert np.diff(grid).max() <= 0.01 / 4
 
 
-@pytest.mark.parametrize("batchnorm", [False, True])
-def test_analyzer_reuses_programs_with_new_params_and_statistics(digits, batchnorm):
+@pytest.mark.parametrize("mode", [None, "train", "population"])
+def test_analyzer_reuses_programs_with_new_params_and_statistics(digits, mode):
     """The analyzer's operator at a later checkpoint (the first checkpoint's compiled
     ``apply`` with new parameters and BN statistics as data) is the Hessian of that
-    checkpoint's objective, and its gradient and metrics are that objective's."""
+    checkpoint's objective over batches of 16 (40 examples: two full batches and a ragged
+    one; in train mode each with its own statistics), and its gradient and metrics are
+    that objective's."""
     from hessspec.config import AnalysisConfig
     from hessspec.objective import make_objective
     from hessspec.operators import dataset_gradient, hessian_operator
     from hessspec.study import CheckpointAnalyzer
 
     # population mode: statistics that change between checkpoints (as in eval mode)
-    mode = "population" if batchnorm else None
-    model = make_model("mlp", digits.input_shape, 10, batchnorm, seed=0, hidden=[4])
+    model = make_model("mlp", digits.input_shape, 10, mode is not None, seed=0, hidden=[4])
     analysis = digits.take(slice(0, 40))
     settings = resolve_settings(AnalysisConfig(batch_size=16), CFG, 10, 400, 40, 128)
     pop = {"population_data": digits.x} if mode == "population" else {}
