@@ -70,9 +70,7 @@ class WideHeadCNN(nnx.Module):
         outputs = hidden[0] if hidden else num_classes
         self.trunk = CNN(in_shape, channels, outputs, rngs=rngs, dtype=dtype)
         if hidden:
-            self.head = MLP(
-                hidden[0], hidden[1:], num_classes, rngs=rngs, dtype=dtype
-            )
+            self.head = MLP(hidden[0], hidden[1:], num_classes, rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
         h = self.trunk(x)
@@ -114,15 +112,28 @@ def build_model(family: str, width: int, dtype=jnp.float32, seed: int = 0) -> nn
     raise ValueError(f"unknown family {family!r}")
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` (which must block until its result is ready)."""
+def median_seconds(fn, repeats: int, warmup: int = 1, min_sample: float = 0.05) -> float:
+    """Median wall time of ``fn()`` (which must block until its result is ready).
+
+    Each of the ``repeats`` samples times enough back-to-back calls to last at least
+    ``min_sample`` seconds (calibrated on the warm-up), so millisecond calls are not
+    dominated by timer and scheduler noise.
+    """
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
+    first = (time.perf_counter() - start) / max(warmup, 1)
+    calls = 1
+    if first < min_sample:  # the warm-up included compilation: calibrate on a second call
+        start = time.perf_counter()
+        fn()
+        calls = max(1, int(np.ceil(min_sample / max(time.perf_counter() - start, 1e-6))))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls)
     return float(np.median(times))
 
 

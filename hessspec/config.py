@@ -60,6 +60,8 @@ LOSSES = ("cross_entropy", "mse")
 PREPROCESSING = ("unit", "center", "standardize", "raw")
 TRACE_METHODS = ("hutch++", "hutchinson")
 DTYPES = ("float32", "float64")
+BASIS_DTYPES = ("", "float32", "float64")
+BASIS_MEMORIES = ("device", "host")
 
 
 class ConfigError(ValueError):
@@ -157,7 +159,7 @@ class AnalysisConfig:
         ("train",),
         "BatchNorm mode(s) each BN network is analysed in, one run per mode: 'train' (batch "
         "statistics, the function SGD descends), 'eval' (running averages), 'population' "
-        "(statistics of the analysis set, frozen)",
+        "(statistics recomputed over the training set, then frozen)",
     )
     size: int = _f(
         512, "examples in the fixed analysis set (a seeded subset of the training set); 0: all"
@@ -196,6 +198,26 @@ class AnalysisConfig:
     minibatch_size: int = _f(0, "examples per mini-batch gradient; 0: train.batch_size")
     save_eigenvectors: bool = _f(
         True, "store the top eigenvectors in spectra.npz (k x num_params per checkpoint)"
+    )
+    basis_dtype: str = _f(
+        "",
+        "dtype of the Lanczos/SLQ Krylov bases (num_steps x num_params numbers each, the "
+        "largest arrays of the analysis): 'float32' halves them (eigenvalues then carry "
+        "relative errors of ~1e-7), 'float64' needs x64 = true; empty: the solver dtype "
+        "(float64 with x64)",
+    )
+    basis_memory: str = _f(
+        "device",
+        "where the Krylov bases live during the analysis: 'device', or 'host' (host "
+        "memory, streamed block by block to the accelerator each step: device memory then "
+        "holds one eighth of each basis; on CPU both are the same RAM)",
+    )
+    memory_limit_gib: float = _f(
+        0.0,
+        "memory budget in GiB (2**30 bytes) for the analysis: the run is refused before "
+        "training when the estimate of its largest solver call exceeds it, and the solvers "
+        "check against it; 0: the memory available (free device memory, or host RAM on "
+        "CPU). Same as --memory-limit",
     )
 
 
@@ -237,13 +259,15 @@ def _section_classes() -> dict[str, type]:
     }
 
 
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is tuple:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, str(tp)
-    )
+        return f"a list of {_TYPE_NAMES[typing.get_args(tp)[0]]}s"
+    name = _TYPE_NAMES.get(tp, str(tp))
+    return ("an " if name[0] in "aeiou" else "a ") + name
 
 
 def _describe_value(value: Any) -> str:
@@ -534,6 +558,14 @@ def validate(config: Config) -> Config:
     ):
         _check_positive(getattr(a, key), f"analysis.{key}", allow_zero=True)
     _check_positive(a.tol, "analysis.tol", allow_zero=True)
+    _check_choice(a.basis_dtype, BASIS_DTYPES, "analysis.basis_dtype")
+    if a.basis_dtype == "float64" and not config.x64:
+        raise ConfigError(
+            "analysis.basis_dtype = 'float64' needs x64 = true (without x64 the bases are "
+            "float32); set x64 = true or analysis.basis_dtype = 'float32'."
+        )
+    _check_choice(a.basis_memory, BASIS_MEMORIES, "analysis.basis_memory")
+    _check_positive(a.memory_limit_gib, "analysis.memory_limit_gib", allow_zero=True)
     for key in ("slq_probes", "slq_steps", "trace_matvecs", "num_minibatches"):
         _check_positive(getattr(a, key), f"analysis.{key}")
     return config

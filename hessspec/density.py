@@ -22,6 +22,7 @@ import scipy.linalg
 
 from hessspec.lanczos import (
     DEFAULT_SEED,
+    _check_basis_memory,
     _check_finite,
     _device_of,
     _num_blocks,
@@ -176,12 +177,14 @@ class SpectralDensity:
 
 @partial(
     jax.jit,
-    static_argnames=("apply", "num_steps", "op_dtype", "batch_size", "bdt", "num_blocks"),
+    static_argnames=("apply", "num_steps", "op_dtype", "batch_size", "bdt", "num_blocks", "host"),
 )
-def _slq_tridiagonals(apply, operand, probes, num_steps, op_dtype, batch_size, bdt, num_blocks):
+def _slq_tridiagonals(
+    apply, operand, probes, num_steps, op_dtype, batch_size, bdt, num_blocks, host
+):
     def one(v):
         _, alphas, betas, done = _tridiag_core(
-            apply, operand, v, num_steps, op_dtype, False, bdt, num_blocks
+            apply, operand, v, num_steps, op_dtype, False, bdt, num_blocks, host
         )
         return alphas, betas, done
 
@@ -199,6 +202,7 @@ def spectral_density(
     probe_batch_size: int | None = None,
     basis_dtype: Any = None,
     check_memory: bool | float = True,
+    basis_memory: str = "device",
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature of the spectral density of a symmetric operator.
 
@@ -228,6 +232,8 @@ def spectral_density(
             this call with :func:`hessspec.memory.available_memory` and raise
             ``MemoryError`` if it cannot fit. A number is used as the available bytes
             instead; False skips the check.
+        basis_memory: ``"device"`` or ``"host"``: keep the probes' bases in host memory
+            (see :func:`hessspec.top_eigenpairs`); same numbers either way.
 
     Returns:
         :class:`SpectralDensity` with ``nodes``/``weights`` of shape ``(P, m)``.
@@ -261,6 +267,7 @@ def spectral_density(
         if probe_batch_size >= num_probes:
             probe_batch_size = None
     bdt = resolve_basis_dtype(op.dtype, basis_dtype)
+    host = _check_basis_memory(basis_memory, "spectral_density")
     if check_memory is not False:
         from hessspec.memory import check_fits, estimate_memory
 
@@ -271,6 +278,7 @@ def spectral_density(
                 num_probes=num_probes,
                 probe_batch_size=probe_batch_size,
                 basis_dtype=bdt,
+                basis_memory=basis_memory,
             ),
             available=None if check_memory is True else float(check_memory),
             device=_device_of(op),
@@ -287,6 +295,7 @@ def spectral_density(
         probe_batch_size,
         bdt,
         _num_blocks(num_steps, n),
+        host,
     )
     alphas, betas, done = np.asarray(alphas), np.asarray(betas), np.asarray(done)
     _check_finite(alphas, betas)

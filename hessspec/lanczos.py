@@ -171,6 +171,43 @@ def _join_rows(blocks: tuple[jax.Array, ...]) -> jax.Array:
     return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=0)
 
 
+BASIS_MEMORIES = ("device", "host")
+"""Where the Krylov basis can live: the operator's device memory, or host memory (JAX memory
+space ``pinned_host``): there each step streams the basis blocks to the device for its
+Gram-Schmidt pass and writes its new row back, so device memory holds one block at a time
+instead of the whole ``(m, n)`` basis, at the price of moving the basis over the host link
+once per pass. On CPU both are the same RAM (the option changes nothing but the placement
+label)."""
+
+
+def _check_basis_memory(basis_memory: str, caller: str) -> bool:
+    """Validate ``basis_memory``; True for ``"host"``."""
+    if basis_memory not in BASIS_MEMORIES:
+        raise ValueError(
+            f"{caller}: basis_memory={basis_memory!r} must be 'device' or 'host' (keep the "
+            "Krylov basis in host memory to save device memory)."
+        )
+    return basis_memory == "host"
+
+
+def _on_host(a) -> bool:
+    return getattr(jax.typeof(a), "memory_space", None) == jax.memory.Space.Host
+
+
+def _to_device(a):
+    """``a`` in device memory (a no-op for arrays already there)."""
+    return jax.device_put(a, jax.memory.Space.Device) if _on_host(a) else a
+
+
+def _to_space_of(a, ref):
+    """``a`` moved to the memory space of ``ref`` (host or device)."""
+    return jax.device_put(a, jax.memory.Space.Host) if _on_host(ref) else a
+
+
+def _to_host_blocks(blocks, host: bool):
+    return tuple(jax.device_put(b, jax.memory.Space.Host) for b in blocks) if host else blocks
+
+
 def _bounds_of(blocks) -> tuple[int, ...]:
     out = [0]
     for blk in blocks:
@@ -191,7 +228,7 @@ def _get_row(blocks, i):
 
     def branch(t):
         return lambda blocks, i: jax.lax.dynamic_index_in_dim(
-            blocks[t], i - bounds[t], keepdims=False
+            _to_device(blocks[t]), i - bounds[t], keepdims=False
         )
 
     if len(blocks) == 1:
@@ -213,12 +250,10 @@ def _set_row(blocks, i, row, pred):
         lo, hi = bounds[t], bounds[t + 1]
         local = jnp.clip(i - lo, 0, hi - lo - 1)
         hit = pred & (i >= lo) & (i < hi)
-        new = row.astype(blk.dtype)
-        if len(blocks) == 1:
+        new = _to_space_of(row.astype(blk.dtype), blk)
+        if len(blocks) == 1 and not _on_host(blk):
             old = jax.lax.dynamic_index_in_dim(blk, local, keepdims=False)
-            out.append(
-                jax.lax.dynamic_update_index_in_dim(blk, jnp.where(hit, new, old), local, 0)
-            )
+            out.append(jax.lax.dynamic_update_index_in_dim(blk, jnp.where(hit, new, old), local, 0))
         else:
             out.append(
                 jax.lax.cond(
@@ -247,10 +282,10 @@ def _cgs_pass(blocks, w, num_blocks):
     wb = w.astype(bdt)
 
     def dot(blk, x):
-        return blk @ x
+        return _to_device(blk) @ x
 
     def tdot(c, blk):
-        return c @ blk
+        return c @ _to_device(blk)
 
     def skip_dot(blk, x):
         return jnp.zeros(blk.shape[:1], bdt)
@@ -258,10 +293,11 @@ def _cgs_pass(blocks, w, num_blocks):
     def skip_tdot(c, blk):
         return jnp.zeros(blk.shape[1:], bdt)
 
-    coeffs = [blocks[0] @ wb]
+    first = _to_device(blocks[0])
+    coeffs = [first @ wb]
     for t, blk in enumerate(blocks[1:], start=1):
         coeffs.append(jax.lax.cond(t < num_blocks, dot, skip_dot, blk, wb))
-    update = coeffs[0] @ blocks[0]
+    update = coeffs[0] @ first
     for t, (c, blk) in enumerate(zip(coeffs[1:], blocks[1:], strict=True), start=1):
         update = update + jax.lax.cond(t < num_blocks, tdot, skip_tdot, c, blk)
     c = coeffs[0] if len(coeffs) == 1 else jnp.concatenate(coeffs)
@@ -416,10 +452,12 @@ def _krylov_steps(
             sub = jnp.where(broken, zero, beta)
             new_stop = stop | broken
         v_next = v_next.astype(bdt)  # the vector expanded next is exactly the stored row
-        write = active & ~last
         coeffs = coeffs.at[nxt].set(jnp.where(last, coeffs[nxt], sub))
         coef = coef.at[j].set(jnp.where(active, coeffs, coef[j]))
-        blocks = _set_row(blocks, nxt, v_next, write)
+        # the write condition must not depend on `active`: under vmap (SLQ) that is batched
+        # and would turn the in-place row write into a select over whole blocks. It need
+        # not: once stopped, v_next is 0 and the rows it writes are already 0.
+        blocks = _set_row(blocks, nxt, v_next, ~last)
         f_norm = jnp.where(active & last, jnp.where(broken, zero, beta), f_norm)
         done = done + active.astype(done.dtype)
         # carried, so no step reads its vectors back from the blocks (after a breakdown
@@ -460,21 +498,23 @@ def _krylov_steps(
     return done, blocks, coef, f, f_norm, scale, lost
 
 
-def _initial_blocks(v0, m, bdt, num_blocks):
-    """Blocked ``(m, n)`` basis with row 0 = ``v0`` (already normalized), zeros elsewhere."""
+def _initial_blocks(v0, m, bdt, num_blocks, host=False):
+    """Blocked ``(m, n)`` basis with row 0 = ``v0`` (already normalized), zeros elsewhere;
+    in host memory when ``host``."""
     n = v0.shape[0]
     b = _block_bounds(m, num_blocks)
     blocks = [jnp.zeros((hi - lo, n), bdt) for lo, hi in zip(b[:-1], b[1:], strict=True)]
     blocks[0] = blocks[0].at[0].set(v0.astype(bdt))
-    return tuple(blocks)
+    return _to_host_blocks(blocks, host)
 
 
 def _tridiag_core(
-    apply, operand, v0, num_steps, op_dtype, early_exit=True, bdt=None, num_blocks=1
+    apply, operand, v0, num_steps, op_dtype, early_exit=True, bdt=None, num_blocks=1, host=False
 ):
     """Traceable body of :func:`lanczos_tridiag`; SLQ vmaps it with ``early_exit=False``.
 
-    Returns ``(blocks, alphas, betas, num_steps_done)``.
+    Returns ``(blocks, alphas, betas, num_steps_done)``; the blocks in host memory when
+    ``host``.
     """
     sdt = solver_dtype(op_dtype)
     bdt = sdt if bdt is None else bdt
@@ -482,7 +522,7 @@ def _tridiag_core(
     v0 = v0.astype(sdt)
     norm = jnp.linalg.norm(v0)
     ok = norm > 0
-    blocks = _initial_blocks(v0 / jnp.where(ok, norm, 1), num_steps, bdt, num_blocks)
+    blocks = _initial_blocks(v0 / jnp.where(ok, norm, 1), num_steps, bdt, num_blocks, host)
     coef = jnp.zeros((num_steps, num_steps), sdt)
     done, blocks, coef, *_ = _krylov_steps(
         apply,
@@ -500,16 +540,18 @@ def _tridiag_core(
     return blocks, jnp.diagonal(coef), jnp.diagonal(coef, 1), done
 
 
-@partial(jax.jit, static_argnames=("apply", "num_steps", "op_dtype", "bdt", "num_blocks"))
-def _tridiag_jit(apply, operand, v0, num_steps, op_dtype, bdt, num_blocks):
+@partial(jax.jit, static_argnames=("apply", "num_steps", "op_dtype", "bdt", "num_blocks", "host"))
+def _tridiag_jit(apply, operand, v0, num_steps, op_dtype, bdt, num_blocks, host):
     blocks, alphas, betas, done = _tridiag_core(
-        apply, operand, v0, num_steps, op_dtype, True, bdt, num_blocks
+        apply, operand, v0, num_steps, op_dtype, True, bdt, num_blocks, host
     )
+    if host:  # joined outside: concatenation is device work
+        return blocks, alphas, betas, done
     return LanczosResult(_join_rows(blocks), alphas, betas, done)
 
 
 def lanczos_tridiag(
-    apply, operand, v0, num_steps: int, op_dtype, basis_dtype=None
+    apply, operand, v0, num_steps: int, op_dtype, basis_dtype=None, basis_memory="device"
 ) -> LanczosResult:
     """Lanczos tridiagonalization with full reorthogonalization, in one compiled loop.
 
@@ -533,6 +575,8 @@ def lanczos_tridiag(
         op_dtype: dtype ``apply`` computes in. ``T`` uses ``solver_dtype(op_dtype)``.
         basis_dtype: dtype of ``V`` (see :func:`hessspec.linop.basis_dtype`); None: the
             solver dtype.
+        basis_memory: ``"device"`` or ``"host"`` (:data:`BASIS_MEMORIES`): keep ``V`` in
+            host memory during the run; the returned basis is then a NumPy array.
 
     Returns:
         :class:`LanczosResult` ``(basis (m, n), alphas (m,), betas (m-1,), num_steps_done)``.
@@ -553,7 +597,14 @@ def lanczos_tridiag(
         )
     op_dtype = np.dtype(op_dtype)
     bdt = resolve_basis_dtype(op_dtype, basis_dtype)
-    return _tridiag_jit(apply, operand, v0, num_steps, op_dtype, bdt, _num_blocks(num_steps, n))
+    host = _check_basis_memory(basis_memory, "lanczos_tridiag")
+    out = _tridiag_jit(
+        apply, operand, v0, num_steps, op_dtype, bdt, _num_blocks(num_steps, n), host
+    )
+    if host:
+        blocks, alphas, betas, done = out
+        return LanczosResult(np.concatenate([np.asarray(b) for b in blocks]), alphas, betas, done)
+    return out
 
 
 @partial(
@@ -585,7 +636,7 @@ def _combine_rows(coeffs, blocks):
     bdt = blocks[0].dtype
     out = None
     for t, blk in enumerate(blocks):
-        part = coeffs[bounds[t] : bounds[t + 1]].T.astype(bdt) @ blk
+        part = coeffs[bounds[t] : bounds[t + 1]].T.astype(bdt) @ _to_device(blk)
         out = part if out is None else out + part
     return out
 
@@ -612,7 +663,7 @@ def _thick_restart(blocks, ritz_coeffs, ritz_values, f, f_norm, arrow, use_rando
         if lo < p:
             blk = blk.at[: min(hi, p) - lo].set(kept[lo : min(hi, p)])
         new.append(blk)
-    new = tuple(new)
+    new = _to_host_blocks(new, _on_host(blocks[0]))
     v = jnp.where(use_random, noise, f / jnp.where(f_norm > 0, f_norm, 1))
     v, _ = _orthogonalize(new, v)
     new = _set_row(new, p, v / jnp.linalg.norm(v), jnp.ones((), bool))
@@ -660,6 +711,7 @@ def top_eigenpairs(
     matvec_batch_size: int | None = None,
     basis_dtype: Any = None,
     check_memory: bool | float = True,
+    basis_memory: str = "device",
 ) -> EigenResult:
     """The ``k`` largest (or smallest) eigenpairs of a symmetric operator, by thick-restart
     Lanczos with full reorthogonalization.
@@ -709,6 +761,10 @@ def top_eigenpairs(
             memory and memory traffic; the projected matrix stays in the solver dtype;
             eigenvalues then carry relative errors of ~1e-7 and ``tol`` should not go below
             ~1e-5). Returned vectors are in the solver dtype either way.
+        basis_memory: ``"device"`` or ``"host"``: keep the basis in host memory (JAX's
+            ``pinned_host`` memory space), streamed block by block to the device for each
+            Gram-Schmidt pass; device memory then holds one block (of 8) instead of the
+            whole basis. For accelerators short of memory; same numbers either way.
         check_memory: before starting, compare :func:`hessspec.memory.estimate_memory` of
             this call with :func:`hessspec.memory.available_memory` and raise
             ``MemoryError`` if it cannot fit. A number is used as the available bytes
@@ -760,12 +816,18 @@ def top_eigenpairs(
 
     sdt = solver_dtype(op.dtype)
     bdt = resolve_basis_dtype(op.dtype, basis_dtype)
+    host = _check_basis_memory(basis_memory, "top_eigenpairs")
     if check_memory is not False:
         from hessspec.memory import check_fits, estimate_memory
 
         check_fits(
             estimate_memory(
-                op, num_steps=m, k=k, basis_dtype=bdt, matvec_batch_size=matvec_batch_size
+                op,
+                num_steps=m,
+                k=k,
+                basis_dtype=bdt,
+                matvec_batch_size=matvec_batch_size,
+                basis_memory=basis_memory,
             ),
             available=None if check_memory is True else float(check_memory),
             device=_device_of(op),
@@ -773,7 +835,7 @@ def top_eigenpairs(
     bd_tol = breakdown_tolerance(op.dtype)
     key_v0, key_loop = jax.random.split(_default_key(key))
     v0 = jax.random.normal(key_v0, (n,), sdt)
-    blocks = _initial_blocks(v0 / jnp.linalg.norm(v0), m, bdt, _num_blocks(m, n))
+    blocks = _initial_blocks(v0 / jnp.linalg.norm(v0), m, bdt, _num_blocks(m, n), host)
     coef = jnp.zeros((m, m), sdt)
     start = 0
     p = min(m - 1, k + (m - k) // 2)
@@ -891,7 +953,7 @@ def _ritz_vectors(coeffs, blocks):
     bounds = _bounds_of(blocks)
     out = None
     for t, blk in enumerate(blocks):
-        part = coeffs[bounds[t] : bounds[t + 1]].T @ blk.astype(coeffs.dtype)
+        part = coeffs[bounds[t] : bounds[t + 1]].T @ _to_device(blk).astype(coeffs.dtype)
         out = part if out is None else out + part
     return out
 

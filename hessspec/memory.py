@@ -239,6 +239,7 @@ def estimate_memory(
     method: str = "hutch++",
     op_dtype: Any = None,
     dim: int | None = None,
+    basis_memory: str = "device",
 ) -> MemoryEstimate:
     """Bytes one solver call needs, by component (see :class:`MemoryEstimate`).
 
@@ -260,6 +261,10 @@ def estimate_memory(
         matvec_batch_size, method: as in the solver estimated.
         op_dtype: the operator's dtype when ``op_or_dim`` is an int (default: float32).
         dim: vector length for a plain callable.
+        basis_memory: ``"device"`` or ``"host"`` as in the Lanczos solvers. With
+            ``"host"`` on an accelerator, ``basis`` counts the one block of the basis (of
+            :data:`hessspec.lanczos.NUM_BASIS_BLOCKS`) streamed to the device at a time;
+            on CPU host memory is the device's, so nothing changes.
 
     Returns:
         :class:`MemoryEstimate` in bytes.
@@ -345,6 +350,14 @@ def estimate_memory(
         if bdt.itemsize > 4:
             hints.append((basis // 2, 'basis_dtype="float32"'))
         hints.append((basis // 3, f"fewer num_steps (now {m})"))
+    if basis and platform != "cpu":
+        from hessspec.lanczos import NUM_BASIS_BLOCKS
+
+        if basis_memory == "host":
+            basis = basis // NUM_BASIS_BLOCKS
+        elif solver in ("top_eigenpairs", "lanczos_tridiag"):
+            saving = basis - basis // NUM_BASIS_BLOCKS
+            hints.append((saving, 'basis_memory="host" (the basis in host memory)'))
     if op is not None and hvp_bytes > 0:
         hints.append(
             (

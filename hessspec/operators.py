@@ -5,9 +5,9 @@ are exact for the dataset mean ``L(theta) = (1/N) sum_i loss_i(theta)``: the dat
 into ``ceil(N / batch_size)`` consecutive batches, batch ``b`` contributes
 ``(|b| / N) * H_b v`` where ``H_b`` is the Hessian of the batch's MEAN loss, and a ragged
 last batch gets its own, smaller weight. The batch loop runs inside the compiled matvec:
-a ``lax.scan`` (one compiled body for all full batches, one more for a ragged remainder),
-unrolled on CPU for a few batches where XLA:CPU runs loop bodies slowly (see
-:func:`_unroll_limit`).
+a ``lax.scan`` (one compiled body for all full batches, one more for a ragged remainder).
+On CPU, convolutions are computed in canonical layout (:mod:`hessspec.conv_layout`) so
+that they run at full speed inside the scan and inside the solvers' loops.
 
 For a loss that does not separate over examples (BatchNorm in train mode: the statistics of
 each batch enter every example's loss) the operator is ``sum_b (|b| / N) Hess L_b`` under
@@ -27,6 +27,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from hessspec.conv_layout import canonical_convolutions, use_canonical_convolutions
 from hessspec.linop import LinearOperator
 
 __all__ = [
@@ -179,6 +180,7 @@ class _Prepared(NamedTuple):
     full_batches: Any
     remainder: Any
     first_batch: Any
+    platform: str
 
 
 def _prepare(params: Any, data: Any, batch_size: int | None, devices: Any) -> _Prepared:
@@ -208,44 +210,35 @@ def _prepare(params: Any, data: Any, batch_size: int | None, devices: Any) -> _P
             )
         return flat.astype(dtype)
 
-    return _Prepared(flat_params, unravel, ravel, layout, full_batches, remainder, first)
+    platform = next(iter(flat_params.devices())).platform
+    return _Prepared(flat_params, unravel, ravel, layout, full_batches, remainder, first, platform)
 
 
-UNROLL_BATCHES_ON_CPU = 16
+def _batch_weighted_sum(
+    per_batch: Callable, operand_batches: tuple[Any, Any], layout: BatchLayout, platform: str
+):
+    """``sum_b (|b| / N) per_batch(batch_b)``: one ``lax.scan`` over the full batches (one
+    compiled body), then the ragged remainder.
 
-
-def _unroll_limit() -> int:
-    """Up to how many full batches the batch loop is unrolled instead of a ``lax.scan``.
-
-    XLA:CPU runs convolutions inside a loop body up to ~10x slower than at top level (JAX
-    issue #12868; measured here: a digits-CNN HVP over 1437 images takes 0.16 s as one batch
-    and 1.35 s as a scan over batches of 256). On CPU the loop is therefore unrolled for up to
-    ``UNROLL_BATCHES_ON_CPU`` batches (compile time grows with the count); on GPU/TPU, and
-    past that count, it is a ``lax.scan`` (one compiled body).
+    On CPU ``per_batch`` runs with :func:`hessspec.conv_layout.canonical_convolutions`, so its
+    convolutions stay fast inside the scan and inside the solvers' loops (JAX #12868).
     """
-    return UNROLL_BATCHES_ON_CPU if jax.default_backend() == "cpu" else 1
-
-
-def _batch_weighted_sum(per_batch: Callable, operand_batches: tuple[Any, Any], layout: BatchLayout):
-    """``sum_b (|b| / N) per_batch(batch_b)`` with a ``lax.scan`` over the full batches."""
     full_batches, remainder = operand_batches
+    if use_canonical_convolutions(platform):
+        per_batch = canonical_convolutions(per_batch)
     n = layout.num_examples
     total = None
     if layout.num_full_batches:
-        first = jax.tree_util.tree_map(lambda a: a[0], full_batches)
-        shape = jax.eval_shape(per_batch, first)
-
-        def body(acc, batch):
-            out = per_batch(batch)
-            return jax.tree_util.tree_map(jnp.add, acc, out), None
-
-        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
-        if layout.num_full_batches <= _unroll_limit():
-            summed = per_batch(first)
-            for b in range(1, layout.num_full_batches):
-                out = per_batch(jax.tree_util.tree_map(lambda a, b=b: a[b], full_batches))
-                summed = jax.tree_util.tree_map(jnp.add, summed, out)
+        if layout.num_full_batches == 1:
+            summed = per_batch(jax.tree_util.tree_map(lambda a: a[0], full_batches))
         else:
+
+            def body(acc, batch):
+                return jax.tree_util.tree_map(jnp.add, acc, per_batch(batch)), None
+
+            first = jax.tree_util.tree_map(lambda a: a[0], full_batches)
+            shape = jax.eval_shape(per_batch, first)
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
             summed, _ = jax.lax.scan(body, zeros, full_batches)
         w = layout.batch_size / n
         total = jax.tree_util.tree_map(lambda s: s * jnp.asarray(w, s.dtype), summed)
@@ -307,7 +300,7 @@ def hessian_operator(
 
             return jax.jvp(grad_flat, (flat_params,), (v.astype(flat_params.dtype),))[1]
 
-        return _batch_weighted_sum(hvp_on, batches, layout)
+        return _batch_weighted_sum(hvp_on, batches, layout, prep.platform)
 
     return LinearOperator(
         apply=apply,
@@ -368,7 +361,7 @@ def ggn_operator(
             _, vjp = jax.vjp(outputs, flat_params)
             return vjp(h_jv)[0]
 
-        return _batch_weighted_sum(ggn_on, batches, layout)
+        return _batch_weighted_sum(ggn_on, batches, layout, prep.platform)
 
     return LinearOperator(
         apply=apply,
@@ -419,7 +412,7 @@ def dataset_gradient(
             loss, grad = jax.value_and_grad(lambda p: loss_fn(unravel(p), batch))(flat_params)
             return loss, grad
 
-        return _batch_weighted_sum(on, batches, layout)
+        return _batch_weighted_sum(on, batches, layout, prep.platform)
 
     loss, grad = run(prep.flat_params, (prep.full_batches, prep.remainder))
     return DatasetGradient(loss, grad)

@@ -291,7 +291,7 @@ def loss_curves_figure(results: Mapping[str, Any]) -> Figure:
     left.set_xlabel("training step")
     left.set_ylabel("loss")
     left.set_title("Training loss")
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="upper right")
     right.set_xlabel("training step")
     right.set_ylabel("test accuracy")
     right.set_title("Test accuracy at the checkpoints")

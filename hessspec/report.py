@@ -150,10 +150,13 @@ class ResultsWriter:
     Args:
         out_dir: the output folder (already prepared).
         header: top-level entries of results.json (version, config, data, settings, ...).
+        write: False keeps everything in memory and writes no file (the processes other
+            than process 0 of a multi-process run, which compute the same results).
     """
 
-    def __init__(self, out_dir: str | Path, header: Mapping[str, Any]):
+    def __init__(self, out_dir: str | Path, header: Mapping[str, Any], *, write: bool = True):
         self.out_dir = Path(out_dir)
+        self.write = bool(write)
         self.results: dict[str, Any] = {**_json_ready(dict(header)), "runs": []}
         self.results.setdefault("status", "running")
         self.arrays: dict[str, np.ndarray] = {}
@@ -189,12 +192,16 @@ class ResultsWriter:
         self.write_json()
 
     def write_json(self) -> None:
-        """Write results.json (atomically)."""
+        """Write results.json (atomically; nothing when ``write`` is off)."""
+        if not self.write:
+            return
         text = json.dumps(self.results, indent=1, allow_nan=False)
         atomic_write_text(self.out_dir / "results.json", text + "\n")
 
     def write_npz(self) -> None:
-        """Write spectra.npz (atomically)."""
+        """Write spectra.npz (atomically; nothing when ``write`` is off)."""
+        if not self.write:
+            return
         buf = io.BytesIO()
         np.savez(buf, **self.arrays)
         atomic_write_bytes(self.out_dir / "spectra.npz", buf.getvalue())

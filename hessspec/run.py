@@ -10,8 +10,18 @@ This module is thin: configuration in (:mod:`hessspec.config`), data and models
 (:mod:`hessspec.data`, :mod:`hessspec.models`), training (:mod:`hessspec.train`), the
 per-checkpoint analysis (:mod:`hessspec.study`), files out (:mod:`hessspec.report`).
 Every problem that can be seen before training (unknown config key, wrong type, missing
-data folder, a dataset the model cannot take, an output folder that holds files) stops the
-run with a one-line message and exit status 2 before any training starts.
+data folder, a dataset the model cannot take, an output folder that holds files, an analysis
+whose memory estimate exceeds what is available: :func:`memory_preflight`) stops the run
+with a one-line message and exit status 2 before any training starts.
+
+Several processes (hosts) run one study together with ``--coordinator HOST:PORT
+--num-processes N --process-id I`` (:func:`hessspec.distributed.initialize`, called before
+any other JAX work): the Hessian operators shard their batches over every process's
+devices, so every process trains the same networks and runs the same analyses in the same
+order; only process 0 writes the output folder and prints the report, the others print one
+line. Decisions that could differ between processes (the output folder check, the memory
+preflight, a setup error) are taken together (:func:`hessspec.distributed.gather`), so all
+processes stop or go on alike.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hessspec.config import (
     QUICK_OVERRIDES,
@@ -42,13 +52,23 @@ from hessspec.config import (
     validate,
 )
 
+if TYPE_CHECKING:
+    from hessspec.memory import MemoryEstimate
+    from hessspec.study import StudySettings
+
 __all__ = [
     "DEFAULT_OUT",
+    "MemoryPreflight",
     "Network",
     "StudySetup",
     "SetupError",
+    "analysis_settings",
+    "build_parser",
+    "distributed_arguments",
     "main",
+    "memory_preflight",
     "prepare_study",
+    "run_cli_study",
     "run_study",
 ]
 
@@ -243,6 +263,243 @@ def prepare_study(config: Config) -> StudySetup:
     )
 
 
+def analysis_settings(setup: StudySetup) -> dict[str, StudySettings]:
+    """The resolved analysis settings (:class:`hessspec.study.StudySettings`) of every
+    network of ``setup``, by network name."""
+    from hessspec.study import resolve_settings
+
+    config, tr, an = setup.config, setup.train_set, setup.analysis_set
+    return {
+        net.name: resolve_settings(
+            config.analysis,
+            config.train,
+            tr.num_classes,
+            net.num_params,
+            an.num_examples,
+            tr.num_examples,
+        )
+        for net in setup.networks
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPreflight:
+    """What the analysis of a study will need, against what there is, before training.
+
+    Attributes:
+        estimates: ``(label, estimate)`` of every solver call kind of every analysed graph
+            (label e.g. ``"mlp-bn, BN train mode"``), from
+            :meth:`hessspec.study.CheckpointAnalyzer.memory_estimates`.
+        label: the network/mode of the largest estimate.
+        peak: the largest estimate (the solver calls run one after another, so the run
+            needs the largest of them).
+        needed: bytes needed: ``peak.total`` (in a multi-process run the largest over the
+            processes).
+        available: bytes available: ``analysis.memory_limit_gib`` when set, else the free
+            memory of this process's first device (host RAM on CPU; in a multi-process run
+            the smallest over the processes).
+        source: where ``available`` comes from (``"host RAM"``, ``"free on cuda:0"``,
+            ``"analysis.memory_limit_gib = 0.5"``).
+        options: config changes that lower ``needed``, largest saving first.
+    """
+
+    estimates: list[tuple[str, MemoryEstimate]]
+    label: str
+    peak: MemoryEstimate
+    needed: int
+    available: int
+    source: str
+    options: tuple[str, ...]
+
+    @property
+    def fits(self) -> bool:
+        """Whether the largest solver call fits in the available memory."""
+        return self.needed <= self.available
+
+    def line(self) -> str:
+        """One line for the terminal: need (by component), largest call, availability."""
+        from hessspec.memory import summarize
+
+        text = summarize([self.peak], available=self.available)
+        return f"hessspec: memory ({self.label}): {text} ({self.source})"
+
+    def refusal(self) -> str:
+        """The error message of a run that does not fit: what it needs, what is available,
+        and the config options that lower the need."""
+        from hessspec.memory import format_bytes
+
+        options = "; ".join(self.options) if self.options else "a smaller model or data"
+        if self.source.startswith("analysis.memory_limit_gib"):
+            more = "or raise the budget with --memory-limit GIB (0: all available memory)"
+        else:
+            more = "or run where more memory is free"
+        return (
+            f"not enough memory for the analysis: {self.peak.solver} on {self.label} needs "
+            f"about {format_bytes(self.needed)} ({self.peak.summary().split(' (', 1)[1]}, "
+            f"but only {format_bytes(self.available)} is available ({self.source}). Nothing "
+            f"was trained. Lower the need with: {options}; {more}."
+        )
+
+
+def _memory_options(
+    peak: MemoryEstimate,
+    settings: StudySettings,
+    config: Config,
+    analysis_size: int,
+    num_params: int,
+) -> list[str]:
+    """Config changes (as ``--set`` options) that lower ``peak``, largest saving first.
+
+    Savings are rough: the basis halves with float32; the basis shrinks with the number of
+    steps and with fewer SLQ probes at once; the HVP working set shrinks with the chunk
+    size; the operator's data with the analysis set.
+    """
+    import jax
+
+    from hessspec.linop import basis_dtype as resolve_basis_dtype
+
+    s = settings
+    options: list[tuple[int, str]] = []
+    basis_bytes = int(peak.basis)
+    if basis_bytes and resolve_basis_dtype(config.model.dtype, s.basis_dtype).itemsize > 4:
+        options.append(
+            (basis_bytes // 2, "--set analysis.basis_dtype=float32 (halves the Krylov bases)")
+        )
+    if basis_bytes and s.basis_memory == "device" and jax.default_backend() != "cpu":
+        options.append(
+            (
+                basis_bytes * 7 // 8,
+                "--set analysis.basis_memory=host (the Krylov bases in host memory)",
+            )
+        )
+    if peak.solver == "top_eigenpairs":
+        m = s.lanczos_steps or min(num_params, max(2 * s.top_k + 20, 3 * s.top_k))
+        if m > s.top_k + 1:
+            options.append(
+                (
+                    basis_bytes // 3,
+                    f"fewer Lanczos steps, --set analysis.lanczos_steps=N with {s.top_k} < N < "
+                    f"{m} (the basis has N vectors)",
+                )
+            )
+    elif peak.solver == "spectral_density":
+        pb = min(s.slq_probe_batch_size or s.slq_probes, s.slq_probes)
+        if pb > 1:
+            options.append(
+                (
+                    basis_bytes * (pb - 1) // pb,
+                    f"--set analysis.slq_probe_batch_size=1 (now {pb} probes, each with its "
+                    "own basis, at once)",
+                )
+            )
+        options.append(
+            (
+                basis_bytes // 3,
+                f"fewer SLQ steps, --set analysis.slq_steps=N with N < {s.slq_steps}",
+            )
+        )
+    elif peak.solver == "trace":
+        options.append(
+            (
+                int(peak.probes) // 2,
+                f"fewer trace matvecs, --set analysis.trace_matvecs=N with N < {s.trace_matvecs}",
+            )
+        )
+    if peak.solver in ("top_eigenpairs", "trace") and s.matvec_batch_size != 1:
+        options.append((int(peak.hvp) // 2, "--set analysis.matvec_batch_size=1"))
+    chunk = s.chunk_size or analysis_size
+    if peak.hvp and chunk > s.hvp_batch_size:
+        options.append(
+            (
+                int(peak.hvp) // 2,
+                f"--set analysis.chunk_size=N with N < {chunk} (examples per Hessian-vector "
+                "product; the HVP working set grows with it)",
+            )
+        )
+    if peak.operator:
+        options.append(
+            (
+                int(peak.operator) // 2,
+                f"--set analysis.size=N with N < {analysis_size} (fewer analysis examples)",
+            )
+        )
+    return [text for saving, text in sorted(options, key=lambda o: -o[0]) if saving > 0]
+
+
+#: Label suffix of each analysed graph in memory messages, by the BN mode that builds it.
+_GRAPH_LABELS = {None: "", "train": ", BN train mode", "eval": ", BN eval/population mode"}
+
+
+def memory_preflight(setup: StudySetup, *, multi_process: bool = False) -> MemoryPreflight:
+    """Estimate the memory of the analysis before training and compare it with what is
+    available.
+
+    For every network and every distinct analysed graph (no BN; BN train mode; BN eval and
+    population mode, which share one), the Hessian operator over the analysis set (chunks
+    of ``analysis.chunk_size``) is built from the untrained network, which has the shapes
+    of every checkpoint, and :meth:`~hessspec.study.CheckpointAnalyzer.memory_estimates`
+    gives the estimates of ``top_eigenpairs``, ``spectral_density`` and ``trace`` with the
+    config's sizes and ``analysis.basis_dtype``. Nothing is compiled or run.
+
+    Args:
+        setup: from :func:`prepare_study` (call after enabling x64, as the run will: the
+            solver dtype depends on it).
+        multi_process: take the largest need and the smallest availability over all
+            processes (a collective: every process must call this), so that they all
+            decide alike.
+
+    Returns:
+        :class:`MemoryPreflight`; ``fits`` says whether the run may start.
+    """
+    import jax
+
+    from hessspec import distributed
+    from hessspec.memory import available_memory
+    from hessspec.objective import make_objective
+    from hessspec.study import CheckpointAnalyzer
+
+    config = setup.config
+    tr, te, an = setup.train_set, setup.test_set, setup.analysis_set
+    settings = analysis_settings(setup)
+    estimates: list[tuple[str, MemoryEstimate]] = []
+    network_of: dict[str, Network] = {}
+    for net in setup.networks:
+        graphs = {"train" if m == "train" else ("eval" if m else None) for m in net.modes}
+        for mode in sorted(graphs, key=str):
+            obj = make_objective(net.model, config.model.loss, bn_mode=mode)
+            analyzer = CheckpointAnalyzer(obj, an, tr, te, tr.num_classes, settings[net.name])
+            label = net.name + _GRAPH_LABELS[mode]
+            network_of[label] = net
+            estimates.extend((label, e) for e in analyzer.memory_estimates(obj))
+    label, peak = max(estimates, key=lambda item: item[1].total)
+    limit = config.analysis.memory_limit_gib
+    if limit:
+        available = int(limit * 2**30)
+        source = f"analysis.memory_limit_gib = {limit:g}"
+    else:
+        device = jax.local_devices()[0]
+        available = available_memory(device)
+        source = "host RAM" if device.platform == "cpu" else f"free on {device}"
+    needed = int(peak.total)
+    if multi_process:
+        rows = distributed.gather([needed, available])
+        needed = int(rows[:, 0].max())
+        if not limit:
+            available = int(rows[:, 1].min())
+            source += f", the least of {rows.shape[0]} processes"
+    net = network_of[label]
+    options = _memory_options(peak, settings[net.name], config, an.num_examples, net.num_params)
+    return MemoryPreflight(
+        estimates=estimates,
+        label=label,
+        peak=peak,
+        needed=needed,
+        available=int(available),
+        source=source,
+        options=tuple(options),
+    )
+
+
 def _platform() -> dict[str, Any]:
     import jax
 
@@ -251,6 +508,7 @@ def _platform() -> dict[str, Any]:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "processes": jax.process_count(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
     }
@@ -262,6 +520,8 @@ def run_study(
     *,
     command: str = "",
     progress: bool = True,
+    write: bool = True,
+    check_memory: bool | float = True,
 ) -> dict[str, Any]:
     """Train every network, analyse it at every checkpoint in every mode, write the output.
 
@@ -274,6 +534,11 @@ def run_study(
         out_dir: the output folder (prepared: exists, holds no study output).
         command: the command line, recorded in the results.
         progress: tqdm progress bars on stderr.
+        write: False computes everything but writes no file (processes other than 0 of a
+            multi-process run: they take part in every sharded computation).
+        check_memory: the solvers' memory check (:class:`hessspec.study.CheckpointAnalyzer`):
+            True against the memory available at each call, a number of bytes as the budget,
+            False none.
 
     Returns:
         The results (as written to results.json).
@@ -283,7 +548,7 @@ def run_study(
     import hessspec
     from hessspec.objective import make_objective
     from hessspec.report import ResultsWriter, atomic_write_text, write_report
-    from hessspec.study import CheckpointAnalyzer, resolve_settings
+    from hessspec.study import CheckpointAnalyzer
     from hessspec.train import train
 
     t_start = time.perf_counter()
@@ -291,18 +556,9 @@ def run_study(
     out_dir = Path(out_dir)
     tr, te, an = setup.train_set, setup.test_set, setup.analysis_set
     num_classes = tr.num_classes
-    atomic_write_text(out_dir / "config.toml", to_toml(config))
-    settings = {
-        net.name: resolve_settings(
-            config.analysis,
-            config.train,
-            num_classes,
-            net.num_params,
-            an.num_examples,
-            tr.num_examples,
-        )
-        for net in setup.networks
-    }
+    if write:
+        atomic_write_text(out_dir / "config.toml", to_toml(config))
+    settings = analysis_settings(setup)
     first = settings[setup.networks[0].name]
     writer = ResultsWriter(
         out_dir,
@@ -329,6 +585,7 @@ def run_study(
             "checkpoint_steps": setup.checkpoints,
             "platform": _platform(),
         },
+        write=write,
     )
     base_key = jax.random.key(config.seed)
     seconds_training = 0.0
@@ -353,13 +610,13 @@ def run_study(
             analyzers: dict[str, CheckpointAnalyzer] = {}
 
             def on_checkpoint(
-                step, model, status, net=net, st=st, run_ids=run_ids, analyzers=analyzers
+                step, model, show, net=net, st=st, run_ids=run_ids, analyzers=analyzers
             ):
                 nonlocal seconds_analysis
                 t0 = time.perf_counter()
                 for mode in net.modes:
                     label = f"step {step}" + (f", {mode} mode" if mode else "")
-                    status(f"analysing {label}")
+                    show(f"analysing {label}")
                     obj = make_objective(
                         model,
                         config.model.loss,
@@ -372,14 +629,19 @@ def run_study(
                     # eval and population mode share a graph, hence compiled programs
                     shared = "train" if mode == "train" else "statistics"
                     if shared not in analyzers:
-                        analyzers[shared] = CheckpointAnalyzer(obj, an, tr, te, num_classes, st)
+                        analyzers[shared] = CheckpointAnalyzer(
+                            obj, an, tr, te, num_classes, st, check_memory=check_memory
+                        )
                     result = analyzers[shared].analyse(
                         obj,
                         jax.random.fold_in(base_key, step),
                         seed=config.seed * 1_000_003 + step,
-                        on_stage=lambda s, label=label: status(f"analysing {label}: {s}"),
+                        on_stage=lambda s, label=label: show(f"analysing {label}: {s}"),
                     )
-                    writer.add_checkpoint(run_ids[mode], step, result.record, result.arrays)
+                    arrays = dict(result.arrays)
+                    if not config.analysis.save_eigenvectors:
+                        arrays.pop("eigenvectors", None)
+                    writer.add_checkpoint(run_ids[mode], step, result.record, arrays)
                 seconds_analysis += time.perf_counter() - t0
 
             history = train(
@@ -414,8 +676,14 @@ def run_study(
                 "seconds_analysis": seconds_analysis,
             },
         )
-        if any(r["checkpoints"] for r in writer.results["runs"]):
-            write_report(out_dir, writer.results, writer.arrays)
+        if write and any(r["checkpoints"] for r in writer.results["runs"]):
+            if status == "complete":
+                write_report(out_dir, writer.results, writer.arrays)
+            else:  # never let the report hide why the run stopped
+                try:
+                    write_report(out_dir, writer.results, writer.arrays)
+                except Exception as e:
+                    print(f"hessspec.run: could not write the report: {e}", file=sys.stderr)
     return writer.results
 
 
@@ -460,10 +728,20 @@ def _epilog() -> str:
         "  python -m hessspec.run --config experiments/digits_cnn.toml --out runs/cnn",
         "  python -m hessspec.run --quick --set train.steps=300 --seed 1 --out runs/s1",
         "  python -m hessspec.run --config experiments/cifar10_resnet.toml "
-        "--set data.path=~/data/cifar-10-batches-py",
+        "--set data.path=~/data/cifar-10-batches-py --set analysis.basis_dtype=float32",
+        "  # two processes on one machine (CPU: JAX_PLATFORMS=cpu), process 0 writes runs/mp:",
+        "  python -m hessspec.run --quick --out runs/mp --coordinator localhost:23456 "
+        "--num-processes 2 --process-id 0 &",
+        "  python -m hessspec.run --quick --out runs/mp --coordinator localhost:23456 "
+        "--num-processes 2 --process-id 1",
         "",
-        "exit status: 0 done, 1 failed during the run, 2 bad input (nothing trained), "
-        "130 interrupted.",
+        "memory: before training the run prints what its largest analysis call needs and what is",
+        "available, and refuses (exit status 2) when it does not fit; lower the need with",
+        "analysis.basis_dtype=float32, analysis.slq_probe_batch_size, analysis.chunk_size, fewer",
+        "analysis.lanczos_steps / analysis.slq_steps, or set a budget with --memory-limit.",
+        "",
+        "exit status: 0 done, 1 failed during the run, 2 bad input or not enough memory "
+        "(nothing trained), 130 interrupted.",
     ]
     return "\n".join(lines)
 
@@ -517,12 +795,80 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved config as TOML and exit without running",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--memory-limit",
+        type=float,
+        metavar="GIB",
+        help="memory budget in GiB for the analysis (same as --set "
+        "analysis.memory_limit_gib=GIB). Before training the run prints the memory its "
+        "largest solver call needs and what is available, and stops (exit status 2) if it "
+        "does not fit. Default: the memory available (free device memory; host RAM on CPU)",
+    )
+    multi = p.add_argument_group(
+        "multi-process run (all three together; one command per process, each with the "
+        "same options and its own --process-id; process 0 writes the output)"
+    )
+    multi.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0 and a free port on it, e.g. localhost:23456",
+    )
+    multi.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    multi.add_argument(
+        "--process-id", type=int, metavar="I", help="this process's rank, 0 <= I < N"
+    )
     return p
+
+
+#: The command-line flags of a multi-process run, by their argparse destination.
+DISTRIBUTED_FLAGS = {
+    "coordinator": "--coordinator",
+    "num_processes": "--num-processes",
+    "process_id": "--process-id",
+}
+
+
+def distributed_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[str, int, int] | None:
+    """The multi-process flags: ``(coordinator, num_processes, process_id)``, or None when
+    none is given.
+
+    Calls ``parser.error`` (usage and exit status 2) when only some of the three are given
+    (naming the missing ones), when ``--num-processes`` is below 1, when ``--process-id``
+    lies outside ``[0, N)``, or when the coordinator is not ``HOST:PORT``.
+    """
+    from hessspec.distributed import check_arguments
+
+    values = {dest: getattr(args, dest, None) for dest in DISTRIBUTED_FLAGS}
+    given = [DISTRIBUTED_FLAGS[d] for d, v in values.items() if v is not None]
+    if not given:
+        return None
+    missing = [DISTRIBUTED_FLAGS[d] for d, v in values.items() if v is None]
+    if missing:
+        parser.error(
+            f"{' and '.join(given)} given without {' and '.join(missing)}: a multi-process "
+            "run needs all three, --coordinator HOST:PORT --num-processes N --process-id I "
+            "(the same HOST:PORT and N in every process, I = 0..N-1)."
+        )
+    coordinator, n, rank = values["coordinator"], values["num_processes"], values["process_id"]
+    if n < 1:
+        parser.error(f"--num-processes must be at least 1, got {n}.")
+    if not 0 <= rank < n:
+        parser.error(
+            f"--process-id must be in 0..{n - 1} for --num-processes {n}, got {rank} "
+            "(ranks start at 0; process 0 writes the output)."
+        )
+    try:
+        check_arguments(coordinator, n, rank)
+    except ValueError as e:
+        parser.error(f"--coordinator: {e}")
+    return coordinator, n, rank
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """The config an argument list describes: --config (or the defaults), then --quick,
-    then --set in order, then --seed; validated.
+    then --set in order, then --seed and --memory-limit; validated.
 
     Raises:
         ConfigError: unknown key, wrong type, invalid value.
@@ -533,11 +879,16 @@ def resolve_config(args: argparse.Namespace) -> Config:
     config = apply_overrides(config, args.overrides)
     if args.seed is not None:
         config = dataclasses.replace(config, seed=args.seed)
+    if getattr(args, "memory_limit", None) is not None:
+        analysis = dataclasses.replace(config.analysis, memory_limit_gib=args.memory_limit)
+        config = dataclasses.replace(config, analysis=analysis)
     return validate(config)
 
 
-def _error(message: str) -> int:
-    print(f"hessspec.run: error: {message}", file=sys.stderr)
+def _error(message: str, who: str = "") -> int:
+    """Print ``message`` as the CLI's error line (``who`` names the process in a
+    multi-process run) and return exit status 2."""
+    print(f"hessspec.run{who}: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -630,13 +981,21 @@ def _run_experiment(name: str, args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 done, 1 failed, 2 bad input, 130
-    interrupted)."""
+    """Run the CLI; returns the exit status (0 done, 1 failed, 2 bad input or not enough
+    memory, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    dist = distributed_arguments(parser, args)
     try:
         experiment = _experiment_of(args.config) if args.config else None
         if experiment in EXPERIMENTS:
+            if dist is not None or args.memory_limit is not None:
+                return _error(
+                    f"--coordinator/--num-processes/--process-id and --memory-limit apply to "
+                    f"the BatchNorm spectrum study only; the {experiment!r} study of "
+                    f"{args.config} runs in one process: leave them out."
+                )
             return _run_experiment(experiment, args)
         config = resolve_config(args)
     except ConfigError as e:
@@ -644,67 +1003,180 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.show_config:
         print(to_toml(config), end="")
         return 0
+    return run_cli_study(config, args, argv, dist)
 
+
+def run_cli_study(
+    config: Config,
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    dist: tuple[str, int, int] | None = None,
+) -> int:
+    """The BatchNorm spectrum study of a resolved config, as the CLI runs it.
+
+    In order: join the multi-process job (``dist``, before any other JAX work); enable x64;
+    refuse a non-empty output folder; load the data and build the networks
+    (:func:`prepare_study`); the memory preflight (:func:`memory_preflight`: one line, and
+    a refusal when the analysis cannot fit); prepare the output folder; train and analyse
+    (:func:`run_study`). Everything up to the preflight stops with exit status 2 before any
+    training.
+
+    In a multi-process run every process runs this with the same config; the output folder
+    is checked and written by process 0 only, and each refusal is decided together
+    (:func:`_agree`), so every process stops at the same point or none does.
+
+    Args:
+        config: validated config.
+        args: the parsed command line (``out``, ``overwrite``, ``no_progress``).
+        argv: the command line, recorded in results.json.
+        dist: ``(coordinator, num_processes, process_id)`` from
+            :func:`distributed_arguments`, or None for one process.
+
+    Returns:
+        The exit status.
+    """
     from hessspec.report import OutputFolderError, prepare_output_dir
 
-    out_dir = Path(args.out).expanduser()
-    message = _refuse_nonempty(out_dir, args.overwrite)  # before loading anything
-    if message:
-        return _error(message)
+    rank, count = (dist[2], dist[1]) if dist else (0, 1)
+    multi = count > 1
+    main_process = rank == 0
+    who = f" (process {rank} of {count})" if multi else ""
+    if dist is not None:
+        from hessspec import distributed
 
+        try:
+            distributed.initialize(*dist)
+        except Exception as e:  # noqa: BLE001 - connection failures come in many types
+            return _error(
+                f"could not join the multi-process job at {dist[0]} as process {rank} of "
+                f"{count}: {type(e).__name__}: {e}. Start all {count} processes with the same "
+                "--coordinator (process 0's host and a free port) within a few minutes.",
+                who,
+            )
     if config.x64:
         import jax
 
         jax.config.update("jax_enable_x64", True)
+
+    out_dir = Path(args.out).expanduser()
+    # only process 0 looks at the folder (it is the one that creates it): the others could
+    # otherwise find its first files there and refuse
+    message = _refuse_nonempty(out_dir, args.overwrite) if main_process else None
+    message = _agree(message, multi)
+    if message:
+        return _error(message, who)
+
+    setup, message = None, None
     try:
         setup = prepare_study(config)
     except SetupError as e:
-        return _error(str(e))
-    try:
-        prepare_output_dir(out_dir, overwrite=args.overwrite)
-    except (OutputFolderError, OSError) as e:
-        return _error(str(e))
+        message = str(e)
+    message = _agree(message, multi)
+    if message:
+        return _error(message, who)
 
-    sizes = ", ".join(f"{n.name} ({n.num_params} params)" for n in setup.networks)
-    print(
-        f"hessspec: {config.data.name}, {sizes}; {config.train.steps} steps, checkpoints "
-        f"{setup.checkpoints}; output in {out_dir}/",
-        file=sys.stderr,
-    )
+    preflight = memory_preflight(setup, multi_process=multi)
+    if main_process:
+        print(preflight.line(), file=sys.stderr)
+    if not preflight.fits:  # the same decision on every process (shared numbers)
+        return _error(preflight.refusal(), who)
+
+    message = None
+    if main_process:
+        try:
+            prepare_output_dir(out_dir, overwrite=args.overwrite)
+        except (OutputFolderError, OSError) as e:
+            message = str(e)
+    message = _agree(message, multi)
+    if message:
+        return _error(message, who)
+
+    if main_process:
+        sizes = ", ".join(f"{n.name} ({n.num_params} params)" for n in setup.networks)
+        print(
+            f"hessspec: {config.data.name}, {sizes}; {config.train.steps} steps, checkpoints "
+            f"{setup.checkpoints}; output in {out_dir}/"
+            + (f"; {count} processes" if multi else ""),
+            file=sys.stderr,
+        )
+    # A budget (given, or agreed by all processes) makes the solvers' own checks decide
+    # alike everywhere; otherwise each call compares with the memory free when it starts.
+    budget = config.analysis.memory_limit_gib or multi
     command = shlex.join(["python", "-m", "hessspec.run", *argv])
     previous = _terminate_as_interrupt()
     try:
-        results = run_study(setup, out_dir, command=command, progress=not args.no_progress)
+        results = run_study(
+            setup,
+            out_dir,
+            command=command,
+            progress=main_process and not args.no_progress,
+            write=main_process,
+            check_memory=float(preflight.available) if budget else True,
+        )
     except KeyboardInterrupt:
-        print(f"hessspec.run: interrupted; what was measured is in {out_dir}/", file=sys.stderr)
+        where = f"what was measured is in {out_dir}/" if main_process else "process 0 wrote"
+        print(f"hessspec.run{who}: interrupted; {where}", file=sys.stderr)
         return 130
     finally:
         _restore_terminate(previous)
-    print(_summary(results, out_dir))
+    if main_process:
+        print(_summary(results, out_dir))
+    else:
+        print(
+            f"hessspec: process {rank} of {count}: study {results.get('status')} in "
+            f"{results['timing']['seconds_total']:.1f} s; process 0 wrote the output to "
+            f"{out_dir}/"
+        )
     return 0
+
+
+def _agree(message: str | None, multi_process: bool) -> str | None:
+    """A refusal decided by all processes together: each passes its own message (None: no
+    objection); in a multi-process run every process learns whether any objected (a
+    collective: all must call it at the same point) and all return a message if one did.
+    With one process, ``message`` is returned as is (no JAX work)."""
+    if not multi_process:
+        return message
+    from hessspec import distributed
+
+    flags = distributed.gather([1.0 if message else 0.0])[:, 0]
+    if message:
+        return message
+    refused = [str(i) for i, flag in enumerate(flags) if flag]
+    if refused:
+        return (
+            f"process {', '.join(refused)} refused to start (its message says why); nothing "
+            "was run."
+        )
+    return None
 
 
 def _terminate_as_interrupt():
     """Make SIGTERM (``kill``, a scheduler's time limit) interrupt the run like Ctrl-C, so
-    the output is finalized (status "interrupted", report from what was measured). Returns
-    the previous handler (None where signals cannot be set: not the main thread)."""
+    the output is finalized (status "interrupted", report from what was measured).
+
+    Returns:
+        ``(installed, previous handler)``; nothing is installed outside the main thread.
+    """
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return False, None
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, handler)
+    return True, signal.signal(signal.SIGTERM, handler)
 
 
-def _restore_terminate(previous) -> None:
+def _restore_terminate(state) -> None:
+    """Put back the SIGTERM handler :func:`_terminate_as_interrupt` replaced."""
     import signal
 
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+    installed, previous = state
+    if installed:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

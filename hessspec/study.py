@@ -46,6 +46,7 @@ from hessspec.data import Dataset
 from hessspec.density import spectral_density
 from hessspec.lanczos import LanczosConvergenceWarning, top_eigenpairs
 from hessspec.linop import LinearOperator
+from hessspec.memory import MemoryEstimate, estimate_memory
 from hessspec.objective import Objective, output_loss
 from hessspec.operators import hessian_operator
 from hessspec.trace import trace
@@ -83,6 +84,9 @@ class StudySettings:
         num_minibatches: number of mini-batch gradients.
         minibatch_size: examples per mini-batch gradient.
         eval_batch_size: batch size of the loss/accuracy evaluation.
+        basis_dtype: dtype of the Krylov bases of the top eigenpairs and of SLQ
+            (``"float32"`` or ``"float64"``; None: the solver dtype, float64 with x64).
+        basis_memory: where those bases live, ``"device"`` or ``"host"``.
     """
 
     top_k: int
@@ -99,6 +103,8 @@ class StudySettings:
     num_minibatches: int
     minibatch_size: int
     eval_batch_size: int
+    basis_dtype: str | None = None
+    basis_memory: str = "device"
 
 
 def resolve_settings(
@@ -141,6 +147,8 @@ def resolve_settings(
         num_minibatches=analysis.num_minibatches,
         minibatch_size=mb,
         eval_batch_size=hvp_bs,
+        basis_dtype=analysis.basis_dtype or None,
+        basis_memory=analysis.basis_memory,
     )
 
 
@@ -207,6 +215,10 @@ class CheckpointAnalyzer:
         test_set: test set (test loss/accuracy).
         num_classes: ``K`` (reference outlier count, ``lambda_K``).
         settings: resolved numbers (:func:`resolve_settings`).
+        check_memory: passed to the three solvers: True compares each call's memory
+            estimate with the memory available when it starts, a number (bytes) with that
+            budget instead (a multi-process run passes the budget all processes agreed on,
+            so they all decide alike), False skips the check.
     """
 
     def __init__(
@@ -217,7 +229,9 @@ class CheckpointAnalyzer:
         test_set: Dataset,
         num_classes: int,
         settings: StudySettings,
+        check_memory: bool | float = True,
     ):
+        self.check_memory = check_memory
         self.bn_mode = objective.bn_mode
         self.graphdef = objective.graphdef
         self.loss = objective.loss
@@ -312,6 +326,51 @@ class CheckpointAnalyzer:
             unravel=op.unravel,
             description=op.description,
         )
+
+    def memory_estimates(self, objective: Objective) -> list[MemoryEstimate]:
+        """Memory estimates of the three solver calls :meth:`analyse` makes, in order:
+        :func:`hessspec.top_eigenpairs` (``top_k`` pairs, ``lanczos_steps`` basis vectors),
+        :func:`hessspec.spectral_density` (``slq_probes`` probes of ``slq_steps`` steps,
+        ``slq_probe_batch_size`` at once) and :func:`hessspec.trace` (``trace_matvecs``),
+        each with the settings' basis dtype and matvec batch size, on the Hessian operator
+        of ``objective`` over the analysis set in chunks of ``chunk_size``.
+
+        Builds that operator (the analysis set goes onto the devices) and traces one
+        Hessian-vector product, but compiles and runs nothing, and leaves the analyzer as
+        it was: a network of the same shape at step 0 gives the estimate of every
+        checkpoint. The run needs the largest of the three (they run one after another).
+
+        Returns:
+            Three :class:`~hessspec.memory.MemoryEstimate` (bytes by component).
+        """
+        s = self.settings
+        op = hessian_operator(
+            self._op_loss, objective.params, self._data(objective), batch_size=s.chunk_size
+        )
+        return [
+            estimate_memory(
+                op,
+                k=s.top_k,
+                num_steps=s.lanczos_steps,
+                basis_dtype=s.basis_dtype,
+                matvec_batch_size=s.matvec_batch_size,
+                basis_memory=s.basis_memory,
+            ),
+            estimate_memory(
+                op,
+                num_probes=s.slq_probes,
+                num_steps=s.slq_steps,
+                probe_batch_size=s.slq_probe_batch_size,
+                basis_dtype=s.basis_dtype,
+                basis_memory=s.basis_memory,
+            ),
+            estimate_memory(
+                op,
+                num_matvecs=s.trace_matvecs,
+                matvec_batch_size=s.matvec_batch_size,
+                method=s.trace_method,
+            ),
+        ]
 
     def full_gradient(self, objective: Objective) -> tuple[float, np.ndarray]:
         """``(loss, flat gradient)`` of the operator's function, ``sum_b (|b|/N) L_b`` over
@@ -408,6 +467,9 @@ class CheckpointAnalyzer:
                 key=k_eig,
                 tol=s.tol,
                 matvec_batch_size=s.matvec_batch_size,
+                basis_dtype=s.basis_dtype,
+                basis_memory=s.basis_memory,
+                check_memory=self.check_memory,
             )
         notes = [
             str(w.message) for w in caught if issubclass(w.category, LanczosConvergenceWarning)
@@ -425,6 +487,9 @@ class CheckpointAnalyzer:
             num_steps=s.slq_steps,
             key=k_slq,
             probe_batch_size=s.slq_probe_batch_size,
+            basis_dtype=s.basis_dtype,
+            basis_memory=s.basis_memory,
+            check_memory=self.check_memory,
         )
         sigma = sd.default_sigma
         grid = density_grid(
@@ -439,6 +504,7 @@ class CheckpointAnalyzer:
             key=k_tr,
             method=s.trace_method,
             batch_size=s.matvec_batch_size,
+            check_memory=self.check_memory,
         )
 
         k_ref = max(self.num_classes, 1)

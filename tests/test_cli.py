@@ -5,6 +5,7 @@ what costs time here, one set per BN graph: train mode, and eval/population whic
 one; the path without BN is the same code with empty statistics, run by the default
 study and by tests/test_train.py.)"""
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -48,23 +49,22 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    """The tiny study, run once into a folder that already held a stale result and an
-    unrelated file (so it also exercises --overwrite)."""
-    out = tmp_path_factory.mktemp("study")
+def test_tiny_study_end_to_end(tmp_path, capsys):
+    """The tiny study, in a folder that already holds a stale result and a foreign file
+    (so it also exercises --overwrite): exit 0; results.json valid against the schema with
+    one run per BN mode; spectra.npz consistent with it; the three modes analyse different
+    functions; figures, report.md and config.toml written; the foreign file kept. (One test,
+    not several sharing a fixture: the study is the expensive part, and test workers would
+    each run a shared fixture again.)"""
+    out = tmp_path / "study"
+    out.mkdir()
     (out / "results.json").write_text('{"stale": true}')
     (out / "notes.txt").write_text("mine")
-    figures = out / "figures"
-    figures.mkdir()
-    (figures / "old.png").write_bytes(b"not a png")
-    code = main([*TINY, "--out", str(out), "--overwrite"])
-    return code, out
+    (out / "figures").mkdir()
+    (out / "figures" / "old.png").write_bytes(b"not a png")
+    assert main([*TINY, "--out", str(out), "--overwrite"]) == 0
+    assert "hessspec: memory (" in capsys.readouterr().err
 
-
-def test_tiny_study_completes_and_validates(tiny_study):
-    code, out = tiny_study
-    assert code == 0
     results, spectra = load_results(out)
     assert validate_results(results) == []
     assert results["status"] == "complete"
@@ -90,21 +90,12 @@ def test_tiny_study_completes_and_validates(tiny_study):
             np.testing.assert_allclose(spectra[key], c["top_eigenvalues"], rtol=1e-12)
             w = spectra[f"{run['name']}/step{c['step']}/weights"]
             np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-6)
-
-
-def test_bn_modes_give_different_hessians(tiny_study):
-    """Train, eval and population mode are different functions of the parameters (after
-    training the running averages are not the statistics of any batch)."""
-    _, out = tiny_study
-    results, _ = load_results(out)
-    runs = {r["name"]: r for r in results["runs"]}
+    # train, eval and population mode are different functions of the parameters (after
+    # training the running averages are not the statistics of any batch)
     top = {m: runs[f"mlp-bn-{m}"]["checkpoints"][-1]["top_eigenvalues"][0] for m in
            ("train", "eval", "population")}  # fmt: skip
     assert len({round(v, 6) for v in top.values()}) == 3, top
 
-
-def test_tiny_study_writes_figures_report_and_keeps_foreign_files(tiny_study):
-    _, out = tiny_study
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
     assert pngs == sorted(
         ["density.png", "top_eigenvalues.png", "outlier_ratio.png", "gradient_energy.png",
@@ -177,7 +168,10 @@ def test_help_from_the_real_entry_point():
         [sys.executable, "-m", "hessspec.run", "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert proc.returncode == 0
-    for key in ("--config", "--set", "--out", "--quick", "--seed", "--overwrite"):
+    for key in (
+        "--config", "--set", "--out", "--quick", "--seed", "--overwrite", "--memory-limit",
+        "--coordinator", "--num-processes", "--process-id",
+    ):  # fmt: skip
         assert key in proc.stdout
     for section, cls in Config.__dataclass_fields__.items():
         if section in ("data", "model", "train", "analysis"):
@@ -255,6 +249,8 @@ def test_dispatch_to_other_studies_checks_their_keys(tmp_path, capsys):
     cfg.write_text('experiment = "santurkar"\nseed = 1\n')
     assert main(["--config", str(cfg), "--set", "stepz=1", "--out", str(tmp_path / "o")]) == 2
     assert "stepz" in capsys.readouterr().err
+    assert main(["--config", str(cfg), "--memory-limit", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "BatchNorm spectrum study only" in capsys.readouterr().err
     cfg.write_text('experiment = "nonsense"\n')
     assert main(["--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert "'experiment' is 'nonsense'" in capsys.readouterr().err
@@ -286,7 +282,14 @@ def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(CheckpointAnalyzer, "analyse", fake_analyse)
     out = tmp_path / "out"
-    assert main([*TINY, "--set", "model.batchnorm=[false]", "--out", str(out)]) == 130
+    # No garbage collection while the interrupt unwinds: jax's gc callback would otherwise
+    # report it a second time as an "unraisable" exception under pytest-xdist.
+    gc.disable()
+    try:
+        code = main([*TINY, "--set", "model.batchnorm=[false]", "--out", str(out)])
+    finally:
+        gc.enable()
+    assert code == 130
     assert "interrupted" in capsys.readouterr().err
     results, spectra = load_results(out)
     assert results["status"] == "interrupted"
@@ -295,3 +298,182 @@ def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
     assert "mlp/step0/density" in spectra
     assert "Status: interrupted" in (out / "report.md").read_text()
     assert (out / "figures" / "density.png").exists()
+
+
+class _Stop(Exception):
+    """Raised by a stand-in to end a CLI run at a chosen point (before any training)."""
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("training started")
+
+
+def test_memory_line_before_training(tmp_path, monkeypatch, capsys):
+    """A run prints the memory its analysis needs and what is available, before training
+    (and before it writes anything)."""
+    import hessspec.run
+
+    def stop(setup, out_dir, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(hessspec.run, "run_study", stop)
+    with pytest.raises(_Stop):
+        main([*TINY, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("hessspec: memory ("))
+    assert "this run needs about" in line and "(peak in top_eigenpairs: basis" in line
+    assert "available (host RAM)" in line or "available (free on" in line
+
+
+def test_memory_limit_refuses_before_training(tmp_path, monkeypatch, capsys):
+    """A budget below the estimate: exit status 2 before any training, with what the
+    analysis needs, what is available and the options that lower the need; nothing written."""
+    import hessspec.train
+
+    monkeypatch.setattr(hessspec.train, "train", _no_training)
+    out = tmp_path / "out"
+    assert main([*TINY, "--memory-limit", "1e-5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "hessspec: memory (" in err  # the estimate line comes first
+    message = err.splitlines()[-1]
+    assert message.startswith("hessspec.run: error: not enough memory for the analysis")
+    assert "top_eigenpairs on mlp-bn" in message and "needs about" in message
+    assert "but only 10.5 KiB is available (analysis.memory_limit_gib = 1e-05)" in message
+    assert "Nothing was trained" in message
+    assert "--set analysis.basis_dtype=float32" in message
+    assert "analysis.lanczos_steps" in message and "--memory-limit" in message
+    assert not out.exists()  # no results.json, no checkpoint, no folder
+    # the same through the config field, with a float32 basis: the option is then gone
+    args = ["--set", "analysis.memory_limit_gib=0.00001", "--set", "analysis.basis_dtype=float32"]
+    assert main([*TINY, *args, "--out", str(out)]) == 2
+    message = capsys.readouterr().err.splitlines()[-1]
+    assert "not enough memory" in message and "basis_dtype" not in message
+    assert not out.exists()
+
+
+def test_memory_preflight_and_basis_dtype_reach_the_solvers(monkeypatch):
+    """The preflight estimates every analysed graph (BN train mode; eval and population share
+    one); a float32 basis halves the Krylov basis of the estimate; the config's basis dtype
+    and budget reach top_eigenpairs."""
+    import jax
+
+    import hessspec.study
+    from hessspec.objective import make_objective
+    from hessspec.run import analysis_settings, memory_preflight, prepare_study
+    from hessspec.study import CheckpointAnalyzer
+
+    jax.config.update("jax_enable_x64", True)
+    args = ["model.hidden=[8]", "model.batchnorm=[true]", "analysis.size=64",
+            "data.train_size=256", "analysis.bn_modes=train,eval,population"]  # fmt: skip
+    config = validate(apply_overrides(Config(), args))
+    setup = prepare_study(config)
+    full = memory_preflight(setup)
+    assert sorted({label for label, _ in full.estimates}) == [
+        "mlp-bn, BN eval/population mode",
+        "mlp-bn, BN train mode",
+    ]
+    assert [e.solver for _, e in full.estimates[:3]] == [
+        "top_eigenpairs", "spectral_density", "trace"
+    ]  # fmt: skip
+    assert full.fits and full.needed == max(e.total for _, e in full.estimates)
+    setup32 = prepare_study(
+        apply_overrides(config, ["analysis.basis_dtype=float32", "analysis.basis_memory=host"])
+    )
+    half = memory_preflight(setup32)
+    bases = [(e64.solver, e64.basis, e32.basis) for (_, e64), (_, e32) in
+             zip(full.estimates, half.estimates, strict=True)]  # fmt: skip
+    assert all(b32 * 2 == b64 for _, b64, b32 in bases)
+    assert all(b64 > 0 for solver, b64, _ in bases if solver != "trace")
+
+    calls = {}
+
+    def fake_top_eigenpairs(op, k, **kwargs):
+        calls.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(hessspec.study, "top_eigenpairs", fake_top_eigenpairs)
+    net = setup32.networks[0]
+    obj = make_objective(net.model, config.model.loss, bn_mode="train")
+    settings = analysis_settings(setup32)[net.name]
+    assert settings.basis_dtype == "float32" and settings.basis_memory == "host"
+    tr, an = setup32.train_set, setup32.analysis_set
+    analyzer = CheckpointAnalyzer(obj, an, tr, tr, 10, settings, check_memory=2.0**30)
+    with pytest.raises(_Stop):
+        analyzer.analyse(obj, jax.random.key(0))
+    assert calls["basis_dtype"] == "float32" and calls["check_memory"] == 2.0**30
+    assert calls["basis_memory"] == "host"
+
+
+def test_basis_dtype_and_memory_limit_config():
+    cfg = validate(apply_overrides(Config(), ["analysis.basis_dtype=float32"]))
+    assert cfg.analysis.basis_dtype == "float32"
+    assert validate(apply_overrides(Config(), ["analysis.basis_dtype="])).analysis.basis_dtype == ""
+    with pytest.raises(ConfigError, match="'analysis.basis_dtype' must be one of"):
+        validate(apply_overrides(Config(), ["analysis.basis_dtype=float16"]))
+    with pytest.raises(ConfigError, match="needs x64 = true"):
+        validate(apply_overrides(Config(), ["x64=false", "analysis.basis_dtype=float64"]))
+    with pytest.raises(ConfigError, match="'analysis.basis_memory' must be one of"):
+        validate(apply_overrides(Config(), ["analysis.basis_memory=disk"]))
+    with pytest.raises(ConfigError, match="'analysis.memory_limit_gib' must be >= 0"):
+        validate(apply_overrides(Config(), ["analysis.memory_limit_gib=-1"]))
+
+
+def test_multi_process_flags_reach_initialize_first(tmp_path, monkeypatch, capsys):
+    """--coordinator/--num-processes/--process-id reach hessspec.distributed.initialize,
+    which runs before the data is loaded; a failure to join stops with a clear message."""
+    import hessspec.distributed
+    import hessspec.run
+
+    order = []
+    monkeypatch.setattr(
+        hessspec.distributed, "initialize", lambda *a: order.append(("initialize", a))
+    )
+
+    def prepare(config):
+        order.append(("prepare_study",))
+        raise _Stop
+
+    monkeypatch.setattr(hessspec.run, "prepare_study", prepare)
+    out = tmp_path / "out"
+    flags = ["--coordinator", "localhost:23456", "--num-processes", "2", "--process-id", "1"]
+    with pytest.raises(_Stop):
+        main([*TINY, *flags, "--out", str(out)])
+    assert order == [("initialize", ("localhost:23456", 2, 1)), ("prepare_study",)]
+    assert not out.exists()  # process 1 never touches the output folder
+
+    def refuse(*args):
+        raise RuntimeError("connection refused")
+
+    monkeypatch.setattr(hessspec.distributed, "initialize", refuse)
+    assert main([*TINY, *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "(process 1 of 2): error: could not join the multi-process job at" in err
+    assert "localhost:23456" in err and "connection refused" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--coordinator", "localhost:23456"],
+         "--coordinator given without --num-processes and --process-id"),
+        (["--num-processes", "2", "--process-id", "0"],
+         "--num-processes and --process-id given without --coordinator"),
+        (["--coordinator", "localhost:23456", "--num-processes", "0", "--process-id", "0"],
+         "--num-processes must be at least 1, got 0"),
+        (["--coordinator", "localhost:23456", "--num-processes", "2", "--process-id", "2"],
+         "--process-id must be in 0..1 for --num-processes 2, got 2"),
+        (["--coordinator", "localhost:23456", "--num-processes", "2", "--process-id", "-1"],
+         "--process-id must be in 0..1 for --num-processes 2, got -1"),
+        (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+         "must be 'host:port'"),
+    ],
+)  # fmt: skip
+def test_bad_multi_process_flags(tmp_path, monkeypatch, capsys, flags, needle):
+    import hessspec.distributed
+
+    monkeypatch.setattr(hessspec.distributed, "initialize", _no_training)
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, *flags, "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -261,3 +261,49 @@ def test_blocked_basis_matches_one_block(monkeypatch):
     np.testing.assert_allclose(res.values, 3.0, rtol=1e-12)
     vecs = np.asarray(res.vectors)
     np.testing.assert_allclose(vecs @ vecs.T, np.eye(5), atol=1e-12)
+
+
+def test_basis_in_host_memory(monkeypatch):
+    """basis_memory="host": the basis (in blocks) lives in the pinned_host memory space
+    through the compiled cycles and thick restarts, and every result equals the
+    device-memory run."""
+    from hessspec import lanczos
+
+    monkeypatch.setattr(lanczos, "BLOCKED_MIN_ELEMENTS", 0)
+    a, ev, q = matrix_with_spectrum(outliers_and_bulk(5), seed=5)
+    op = dense_op(a)
+    v0 = np.random.default_rng(5).normal(size=N)
+
+    blocks = lanczos._initial_blocks(
+        jnp.asarray(v0 / np.linalg.norm(v0)), M, np.float64, lanczos._num_blocks(M, N), True
+    )
+    out = lanczos._extend_jit(
+        op.apply, op.operand, blocks, jnp.zeros((M, M)), 0, jnp.zeros(N), -1, op.dtype, 1e-14
+    )
+    assert {b.sharding.memory_kind for b in out[0]} == {"pinned_host"}
+    restarted, _ = lanczos._thick_restart(
+        out[0], jnp.eye(M)[:, :3], jnp.ones(3), out[2], out[3], jnp.zeros(3), False, jnp.ones(N)
+    )
+    assert {b.sharding.memory_kind for b in restarted} == {"pinned_host"}
+
+    dev = hs.top_eigenpairs(op, 5, num_steps=M)
+    host = hs.top_eigenpairs(op, 5, num_steps=M, basis_memory="host")
+    assert_pairs_match(host, a, ev[::-1][:5], q[:, ::-1][:, :5])
+    np.testing.assert_allclose(host.values, dev.values, rtol=1e-13)
+    assert host.num_matvecs == dev.num_matvecs
+    tri_dev = hs.lanczos_tridiag(op.apply, op.operand, v0, M, op.dtype)
+    tri_host = hs.lanczos_tridiag(op.apply, op.operand, v0, M, op.dtype, basis_memory="host")
+    assert isinstance(tri_host.basis, np.ndarray)
+    np.testing.assert_allclose(tri_host.basis, tri_dev.basis, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(tri_host.alphas, tri_dev.alphas, rtol=0, atol=1e-12)
+    sd_dev = hs.spectral_density(op, 3, M, probe_batch_size=2)
+    sd_host = hs.spectral_density(op, 3, M, probe_batch_size=2, basis_memory="host")
+    np.testing.assert_allclose(sd_host.nodes, sd_dev.nodes, rtol=0, atol=1e-12)
+
+
+def test_bad_basis_memory():
+    op = dense_op(np.eye(4))
+    with pytest.raises(ValueError, match="basis_memory='gpu' must be 'device' or 'host'"):
+        hs.top_eigenpairs(op, 1, basis_memory="gpu")
+    with pytest.raises(ValueError, match="basis_memory"):
+        hs.spectral_density(op, 1, 2, basis_memory="disk")

@@ -78,18 +78,6 @@ def test_hessian_operator_matches_dense_reference(key, loss_fn, batch_size):
     np.testing.assert_allclose(dense, dense.T, atol=1e-12 * np.linalg.norm(ref, 2))
 
 
-@pytest.mark.parametrize("unroll_limit", [1, 16], ids=["scan", "unrolled"])
-def test_batch_loop_scan_and_unrolled_agree(key, monkeypatch, unroll_limit):
-    """The batch loop is a lax.scan or, on CPU for few batches, unrolled: same operator."""
-    from hessspec import operators
-
-    monkeypatch.setattr(operators, "UNROLL_BATCHES_ON_CPU", unroll_limit)
-    params, data = _mlp_params(key), _data(jax.random.fold_in(key, 1))
-    ref = _reference(_batchnorm_loss, params, data, 4)
-    op = hs.hessian_operator(_batchnorm_loss, params, data, batch_size=4)
-    np.testing.assert_allclose(op.to_dense(), ref, atol=1e-10 * np.linalg.norm(ref, 2))
-
-
 def test_separable_loss_is_independent_of_batch_size(key):
     params, data = _mlp_params(key), _data(jax.random.fold_in(key, 1))
     full = hs.hessian_operator(_loss, params, data).to_dense()
