@@ -250,6 +250,23 @@ def _batch_weighted_sum(
     return total
 
 
+def _operator(apply: Callable, prep: _Prepared, name: str) -> LinearOperator:
+    """The :class:`LinearOperator` of ``apply`` over the prepared parameters and batches."""
+    layout = prep.layout
+    return LinearOperator(
+        apply=apply,
+        operand=(prep.flat_params, (prep.full_batches, prep.remainder)),
+        dim=prep.flat_params.size,
+        dtype=prep.flat_params.dtype,
+        ravel=prep.ravel,
+        unravel=prep.unravel,
+        description=(
+            f"{name} of the mean loss over {layout.num_examples} examples "
+            f"(batch size {layout.batch_size}, {prep.flat_params.size} parameters)"
+        ),
+    )
+
+
 def hessian_operator(
     loss_fn: Callable[[Any, Any], jax.Array],
     params: Any,
@@ -302,18 +319,7 @@ def hessian_operator(
 
         return _batch_weighted_sum(hvp_on, batches, layout, prep.platform)
 
-    return LinearOperator(
-        apply=apply,
-        operand=(prep.flat_params, (prep.full_batches, prep.remainder)),
-        dim=prep.flat_params.size,
-        dtype=prep.flat_params.dtype,
-        ravel=prep.ravel,
-        unravel=unravel,
-        description=(
-            f"Hessian of the mean loss over {layout.num_examples} examples "
-            f"(batch size {layout.batch_size}, {prep.flat_params.size} parameters)"
-        ),
-    )
+    return _operator(apply, prep, "Hessian")
 
 
 def ggn_operator(
@@ -363,18 +369,7 @@ def ggn_operator(
 
         return _batch_weighted_sum(ggn_on, batches, layout, prep.platform)
 
-    return LinearOperator(
-        apply=apply,
-        operand=(prep.flat_params, (prep.full_batches, prep.remainder)),
-        dim=prep.flat_params.size,
-        dtype=prep.flat_params.dtype,
-        ravel=prep.ravel,
-        unravel=unravel,
-        description=(
-            f"Gauss-Newton of the mean loss over {layout.num_examples} examples "
-            f"(batch size {layout.batch_size}, {prep.flat_params.size} parameters)"
-        ),
-    )
+    return _operator(apply, prep, "Gauss-Newton")
 
 
 class DatasetGradient(NamedTuple):
