@@ -23,6 +23,7 @@ training) and :func:`to_toml` writes a config back as TOML that loads to the sam
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import typing
@@ -263,9 +264,16 @@ _TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 
 def _type_name(tp: Any) -> str:
+    """``"an integer"``, ``"a list of numbers"``, ``"a list of 2 integers"``, ``"a table"``."""
     origin = typing.get_origin(tp)
     if origin is tuple:
-        return f"a list of {_TYPE_NAMES[typing.get_args(tp)[0]]}s"
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        item = _type_name(args[0]).split(" ", 1)[1]
+        if Ellipsis in typing.get_args(tp):
+            return f"a list of {item}s"
+        return f"a list of {len(args)} {item}s"
+    if dataclasses.is_dataclass(tp):
+        return "a table"
     name = _TYPE_NAMES.get(tp, str(tp))
     return ("an " if name[0] in "aeiou" else "a ") + name
 
@@ -275,15 +283,30 @@ def _describe_value(value: Any) -> str:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against the field type ``tp`` (lists become tuples, ints floats)."""
+    """``value`` checked against the field type ``tp``: lists become tuples, ints floats,
+    tables nested config dataclasses."""
     origin = typing.get_origin(tp)
     if origin is tuple:
-        (item,) = (a for a in typing.get_args(tp) if a is not Ellipsis)
+        args = typing.get_args(tp)
         if not isinstance(value, list | tuple):
             raise ConfigError(
                 f"config key {key!r} must be {_type_name(tp)}, got {_describe_value(value)}."
             )
-        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+        if Ellipsis in args:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(
+                f"config key {key!r} must be a list of {len(args)} values, got {list(value)!r}."
+            )
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(
+                f"config key {key!r} must be a table ([{key}] in TOML), got "
+                f"{_describe_value(value)}."
+            )
+        return config_from_mapping(tp, value, prefix=f"{key}.")
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -312,15 +335,99 @@ def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(known)}.")
 
 
-def _section_from_dict(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+def config_from_mapping(
+    cls: type, values: Mapping[str, Any], prefix: str = "", experiment: str | None = None
+):
+    """Build the frozen config dataclass ``cls`` from a (partial) nested mapping.
+
+    The one mechanism behind every study's config (:class:`Config` here, the input-bias
+    and Santurkar studies' own classes): every key is checked against the fields of
+    ``cls`` (nested dataclasses are tables) and every value against the field's type;
+    absent keys keep their defaults. A top-level ``experiment`` key is accepted when it
+    equals ``experiment`` (the CLI's dispatch key).
+
+    Args:
+        cls: a frozen dataclass whose fields are bool, int, float, str, tuples of those, or
+            nested dataclasses of the same kind.
+        values: the mapping, e.g. parsed TOML.
+        prefix: prefix of the keys in error messages (``"linear."``).
+        experiment: the accepted value of a top-level ``experiment`` key.
+
+    Returns:
+        An instance of ``cls`` (its ``__post_init__``, if any, checks the values).
+
+    Raises:
+        ConfigError (a ValueError): an unknown key, a value of the wrong type, or an invalid
+            value; the message names the key.
+    """
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"a config must be a mapping (TOML table), got {type(values).__name__}.")
     hints = _hints(cls)
     kwargs = {}
     for k, v in values.items():
         key = f"{prefix}{k}"
+        if k == "experiment" and not prefix and experiment is not None:
+            if v != experiment:
+                raise ConfigError(
+                    f"config key 'experiment' is {v!r}, but this is the {experiment!r} study."
+                )
+            continue
         if k not in hints:
             raise _unknown_key(key, hints)
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
+
+
+def config_to_mapping(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain nested dicts and lists (JSON/TOML ready)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = config_to_mapping(v)
+        elif isinstance(v, tuple | list):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string is a JSON string for these characters
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def config_to_toml(config: Any, experiment: str) -> str:
+    """A config dataclass as TOML text; reading it back gives the same config.
+
+    Args:
+        config: a frozen config dataclass.
+        experiment: the value of the leading ``experiment = ...`` line.
+
+    Returns:
+        TOML text: ``experiment``, the top-level keys, then one table per nested section.
+    """
+    values = config_to_mapping(config)
+    lines = [f"experiment = {_toml_value(experiment)}"]
+    tables = []
+    for k, v in values.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for name, table in tables:
+        lines += ["", f"[{name}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
 
 
 def config_from_dict(values: Mapping[str, Any]) -> Config:
@@ -349,7 +456,7 @@ def config_from_dict(values: Mapping[str, Any]) -> Config:
                 raise ConfigError(
                     f"config key {k!r} must be a table ([{k}] in TOML), got {_describe_value(v)}."
                 )
-            kwargs[k] = _section_from_dict(sections[k], v, f"{k}.")
+            kwargs[k] = config_from_mapping(sections[k], v, prefix=f"{k}.")
         elif k in hints:
             kwargs[k] = _coerce(v, hints[k], k)
         else:
@@ -359,20 +466,7 @@ def config_from_dict(values: Mapping[str, Any]) -> Config:
 
 def config_to_dict(config: Config) -> dict[str, Any]:
     """The config as plain nested dicts and lists (JSON/TOML ready)."""
-
-    def plain(x):
-        if isinstance(x, tuple | list):
-            return [plain(v) for v in x]
-        return x
-
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        v = getattr(config, f.name)
-        if dataclasses.is_dataclass(v):
-            out[f.name] = {g.name: plain(getattr(v, g.name)) for g in dataclasses.fields(v)}
-        else:
-            out[f.name] = plain(v)
-    return out
+    return config_to_mapping(config)
 
 
 def load_config(path: str | Path) -> Config:
@@ -600,33 +694,6 @@ def describe_fields() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, tuple | list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
 def to_toml(config: Config) -> str:
     """The whole config as TOML text; ``load_config`` of it gives back ``config``."""
-    lines = [f"experiment = {_toml_value(EXPERIMENT)}"]
-    tables = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value):
-            tables.append((f.name, value))
-        else:
-            lines.append(f"{f.name} = {_toml_value(value)}")
-    for name, value in tables:
-        lines.append("")
-        lines.append(f"[{name}]")
-        for g in dataclasses.fields(value):
-            lines.append(f"{g.name} = {_toml_value(getattr(value, g.name))}")
-    return "\n".join(lines) + "\n"
+    return config_to_toml(config, EXPERIMENT)

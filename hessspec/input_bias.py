@@ -49,7 +49,6 @@ import os
 import platform
 import tempfile
 import time
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from hessspec.config import ConfigError
+from hessspec.config import (
+    ConfigError,
+    config_from_mapping,
+    config_to_mapping,
+    config_to_toml,
+)
 
 __all__ = [
     "QUICK_OVERRIDES",
@@ -68,8 +72,6 @@ __all__ = [
     "MLPSettings",
     "OperatorCache",
     "StudyOutput",
-    "config_from_mapping",
-    "config_to_toml",
     "plot_gd_convergence",
     "plot_linear_density",
     "plot_mlp_density",
@@ -100,171 +102,6 @@ QUICK_OVERRIDES: tuple[str, ...] = (
 def _field(default: Any, help: str) -> Any:
     """A dataclass field with a help text."""
     return dataclasses.field(default=default, metadata={"help": help})
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        item = _type_name(args[0]).split(" ", 1)[1]
-        if Ellipsis in typing.get_args(tp):
-            return f"a list of {item}s"
-        return f"a list of {len(args)} {item}s"
-    if dataclasses.is_dataclass(tp):
-        return "a table"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, str(tp)
-    )
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against the field type ``tp``: lists become tuples, ints floats."""
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(
-                f"config key {key!r} must be {_type_name(tp)}, got {value!r} "
-                f"({type(value).__name__})."
-            )
-        if Ellipsis in args:
-            item = args[0]
-            return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(
-                f"config key {key!r} must be a list of {len(args)} values, got {list(value)!r}."
-            )
-        pairs = enumerate(zip(value, args, strict=True))
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(
-                f"config key {key!r} must be a table ([{key}] in TOML), got {value!r}."
-            )
-        return config_from_mapping(tp, value, prefix=f"{key}.")
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(tp)
-    if ok is None:  # pragma: no cover - a field type this module does not use
-        raise TypeError(f"unsupported config field type {tp!r} for {key!r}")
-    if not ok:
-        raise ConfigError(
-            f"config key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})."
-        )
-    if tp is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"config key {key!r} must be finite, got {value!r}.")
-    return value
-
-
-def config_from_mapping(
-    cls: type, values: Mapping[str, Any], prefix: str = "", experiment: str | None = None
-):
-    """Build the frozen dataclass ``cls`` from a (partial) nested mapping.
-
-    Every key is checked against the fields of ``cls`` (nested dataclasses are tables) and
-    every value against the field's type; absent keys keep their defaults. A top-level
-    ``experiment`` key is accepted when it equals ``experiment`` (the CLI's dispatch key).
-
-    Args:
-        cls: a frozen dataclass whose fields are bool, int, float, str, tuples of those, or
-            nested dataclasses of the same kind.
-        values: the mapping, e.g. parsed TOML.
-        prefix: prefix of the keys in error messages (``"linear."``).
-        experiment: the accepted value of a top-level ``experiment`` key.
-
-    Returns:
-        An instance of ``cls`` (its ``__post_init__`` checks the values).
-
-    Raises:
-        ConfigError (a ValueError): an unknown key, a value of the wrong type, or an invalid
-            value; the message names the key.
-    """
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"a config must be a mapping (TOML table), got {type(values).__name__}.")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for k, v in values.items():
-        key = f"{prefix}{k}"
-        if k == "experiment" and not prefix and experiment is not None:
-            if v != experiment:
-                raise ConfigError(
-                    f"config key 'experiment' is {v!r}, but this is the {experiment!r} study."
-                )
-            continue
-        if k not in hints:
-            import difflib
-
-            close = difflib.get_close_matches(str(k), list(hints), n=1)
-            hint = f" Did you mean {prefix}{close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(sorted(hints))}."
-            )
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)  # __post_init__ checks the values, naming the full key
-
-
-def config_to_mapping(config: Any) -> dict[str, Any]:
-    """A config dataclass as plain nested dicts and lists (JSON/TOML ready).
-
-    Args:
-        config: a frozen config dataclass (nested dataclasses become dicts, tuples lists).
-
-    Returns:
-        The nested dict.
-    """
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        v = getattr(config, f.name)
-        if dataclasses.is_dataclass(v):
-            out[f.name] = config_to_mapping(v)
-        elif isinstance(v, tuple):
-            out[f.name] = list(v)
-        else:
-            out[f.name] = v
-    return out
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a TOML basic string is a JSON string for these characters
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def config_to_toml(config: Any, experiment: str) -> str:
-    """A study config as TOML text; reading it back gives the same config.
-
-    Args:
-        config: a frozen config dataclass.
-        experiment: the value of the leading ``experiment = ...`` line.
-
-    Returns:
-        TOML text: ``experiment``, the top-level keys, then one table per nested section.
-    """
-    values = config_to_mapping(config)
-    lines = [f"experiment = {_toml_value(experiment)}"]
-    tables = []
-    for k, v in values.items():
-        if isinstance(v, dict):
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {_toml_value(v)}")
-    for name, table in tables:
-        lines += ["", f"[{name}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
 
 
 def override_config(config: Any, overrides: Sequence[str]):

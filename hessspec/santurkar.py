@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessspec.config import ConfigError
+from hessspec.config import ConfigError, config_from_mapping, config_to_mapping, config_to_toml
 from hessspec.input_bias import (
     StudyOutput,
     _check,
@@ -50,9 +50,6 @@ from hessspec.input_bias import (
     _fmt,
     _jsonable,
     _md_table,
-    config_from_mapping,
-    config_to_mapping,
-    config_to_toml,
     environment,
     new_figure,
     override_config,
