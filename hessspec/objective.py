@@ -38,6 +38,7 @@ Getting a model back (e.g. after training the params)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -70,7 +71,11 @@ class Objective(NamedTuple):
     Attributes:
         loss_fn: ``(params, batch) -> ()`` scalar mean loss over the ``B`` examples of
             ``batch = {"x": (B, ...), "y": (B,) or (B, K)}``. Equal to
-            ``output_loss_fn(logits_fn(params, batch["x"]), batch)``.
+            ``output_loss_fn(logits_fn(params, batch["x"]), batch)``. A
+            ``jax.tree_util.Partial``: its leaves are ``stats`` and ``rest``, its static
+            part the model graph and the loss, equal for every objective of one
+            architecture, so :func:`hessspec.hessian_operator` at another checkpoint (or
+            in another BN mode with other statistics) reuses the compiled programs.
         logits_fn: ``(params, x) -> (B, K)`` model outputs in the same BN mode (in
             ``"train"`` mode the statistics are those of ``x``); for Gauss-Newton operators.
         output_loss_fn: ``(logits, batch) -> ()`` the mean loss as a function of the
@@ -343,6 +348,40 @@ def population_statistics(model: nnx.Module, x, batch_size: int | None = None) -
 # --------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class _ModelLogits:
+    """``(stats, rest, params, x) -> outputs`` of a model graph. Hashable by value (the
+    graph), so it is the static part of :attr:`Objective.logits_fn`."""
+
+    graphdef: Any
+
+    def __call__(self, stats, rest, params, x):
+        return nnx.merge(self.graphdef, params, stats, rest)(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OutputLoss:
+    """``(logits, batch) -> mean loss`` (:func:`output_loss`); hashable by value."""
+
+    loss: str
+
+    def __call__(self, logits, batch):
+        return output_loss(logits, batch, self.loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelLoss:
+    """``(stats, rest, params, batch) -> mean loss`` of a model graph; hashable by value."""
+
+    graphdef: Any
+    loss: str
+
+    def __call__(self, stats, rest, params, batch):
+        _check_batch(batch)
+        logits = _ModelLogits(self.graphdef)(stats, rest, params, batch["x"])
+        return output_loss(logits, batch, self.loss)
+
+
 def make_objective(
     model: nnx.Module,
     loss: str = "cross_entropy",
@@ -416,20 +455,12 @@ def make_objective(
     stats = jax.tree.map(jnp.asarray, nnx.to_pure_dict(stats_state))
     rest = jax.tree.map(jnp.asarray, nnx.to_pure_dict(rest_state))
 
-    def logits_fn(params, x):
-        return nnx.merge(graphdef, params, stats, rest)(x)
-
-    def output_loss_fn(logits, batch):
-        return output_loss(logits, batch, loss)
-
-    def loss_fn(params, batch):
-        _check_batch(batch)
-        return output_loss_fn(logits_fn(params, batch["x"]), batch)
-
+    # pytrees: the statistics and RNG state are leaves, the graph and loss the static part
+    # (equal for every checkpoint of one model), so jitted solvers reuse compiled programs
     return Objective(
-        loss_fn=loss_fn,
-        logits_fn=logits_fn,
-        output_loss_fn=output_loss_fn,
+        loss_fn=jax.tree_util.Partial(_ModelLoss(graphdef, loss), stats, rest),
+        logits_fn=jax.tree_util.Partial(_ModelLogits(graphdef), stats, rest),
+        output_loss_fn=_OutputLoss(loss),
         params=params,
         bn_mode=bn_mode,
         graphdef=graphdef,
