@@ -13,14 +13,13 @@ Settings (the defaults below; each is a flag):
   once: ~100 MiB kept, each HVP ~20% cheaper; ``--no-linearize`` to compare);
 - ``basis_dtype="float32"`` for both solvers: half the basis memory and half the
   reorthogonalization traffic (the basis is the only O(steps x 1e6) object);
-- top-20 with the default basis size (60) and tolerance (1e-3 of ||H|| for float32 HVPs);
-- SLQ 10 probes x 90 steps with ``probe_batch_size=1``: probes one after another (a vmapped
-  batch of probes shares nothing here once the operator is linearized, and would multiply
-  the basis memory).
+- top-20 with the default basis size (128 rows) and tolerance (1e-3 |lambda| per pair for
+  float32 HVPs);
+- SLQ 10 probes x 90 steps, one probe after another on one basis.
 
 Prints the memory estimate first (what a CLI prints before a run), then a markdown table
 of wall times. Usage: python benchmarks/big_cnn.py [--batch-size N] [--no-linearize]
-[--probe-batch-size P] [--basis-dtype float64] [--skip-slq]
+[--basis-dtype float64] [--skip-slq]
 """
 
 import argparse
@@ -50,7 +49,6 @@ def main():
     parser.add_argument("--width", type=int, default=930)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--no-linearize", action="store_true")
-    parser.add_argument("--probe-batch-size", type=int, default=1)
     parser.add_argument("--basis-dtype", default="float32")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--probes", type=int, default=10)
@@ -84,8 +82,7 @@ def main():
     print(
         f"model: WideHeadCNN hidden=({args.width}, {args.width}), {op.dim} parameters, "
         f"{len(data.x)} digits, batch_size={args.batch_size}, linearized="
-        f"{not args.no_linearize}, basis_dtype={basis_dtype}, "
-        f"probe_batch_size={args.probe_batch_size}"
+        f"{not args.no_linearize}, basis_dtype={basis_dtype}"
     )
     estimates = []
     if not args.skip_top:
@@ -96,7 +93,6 @@ def main():
                 op,
                 num_steps=args.steps,
                 num_probes=args.probes,
-                probe_batch_size=args.probe_batch_size,
                 basis_dtype=basis_dtype,
             )
         )
@@ -133,7 +129,6 @@ def main():
             op,
             num_probes=args.probes,
             num_steps=args.steps,
-            probe_batch_size=args.probe_batch_size,
             basis_dtype=basis_dtype,
         )
         dt = time.perf_counter() - t

@@ -2,6 +2,7 @@
 
 from hessspec import distributed
 from hessspec.analysis import OutlierSplit, gradient_energy, outlier_split
+from hessspec.compilation_cache import enable_compilation_cache
 from hessspec.data import (
     Dataset,
     load_cifar10,
@@ -11,7 +12,12 @@ from hessspec.data import (
     subsample,
     synthetic_gaussian,
 )
-from hessspec.density import SpectralDensity, gaussian_quadrature, spectral_density
+from hessspec.density import (
+    SpectralDensity,
+    SpectralResolutionWarning,
+    gaussian_quadrature,
+    spectral_density,
+)
 from hessspec.input_bias import InputBiasConfig, run_input_bias_study
 from hessspec.lanczos import (
     EigenResult,
@@ -93,6 +99,7 @@ __all__ = [
     "LanczosResult",
     "OutlierSplit",
     "SpectralDensity",
+    "SpectralResolutionWarning",
     "TraceEstimate",
     "gaussian_quadrature",
     "gradient_energy",
@@ -104,6 +111,7 @@ __all__ = [
     "LinearOperator",
     "as_operator",
     "dataset_gradient",
+    "enable_compilation_cache",
     "distributed",
     "ggn_operator",
     "hessian_operator",

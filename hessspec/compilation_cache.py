@@ -12,7 +12,11 @@ instead, or ``0`` / ``off`` / ``false`` / ``no`` (or an empty value) to switch t
 The CLI's ``--no-compilation-cache`` does the same for one run.
 
 The cache is trusted code: a program loaded from it runs as compiled. Keep it in a folder
-only you can write to (JAX's own warning).
+only you can write to (JAX's own warning). It is not size-bounded (JAX's eviction needs every
+entry written with it on, and rescans the folder at every write); delete the folder to reclaim
+the space. Several processes may share it (test workers, the processes of a multi-host run):
+JAX writes each program once, and a program read while another process writes it is compiled
+again, with a warning.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ def cache_dir_from_env() -> Path | None:
 
 
 def enable_compilation_cache(
-    path: str | os.PathLike | None = None, *, min_compile_seconds: float = 0.0
+    path: str | os.PathLike | None = None,
+    *,
+    min_compile_seconds: float = 0.0,
 ) -> Path | None:
     """Switch on JAX's persistent compilation cache for this process.
 

@@ -13,25 +13,35 @@ Gaussian gives a smooth density.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
+import operator
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
 import scipy.linalg
+from tqdm.auto import tqdm
 
-from hessspec.lanczos import (
-    DEFAULT_SEED,
-    _check_basis_memory,
-    _check_finite,
-    _device_of,
-    _num_blocks,
-    _tridiag_core,
+from hessspec.krylov import (
+    RESOLUTION_FACTOR,
+    KrylovRunner,
+    basis_rows,
+    check_basis_memory,
+    check_finite,
+    default_key,
+    resolution_tolerance,
 )
-from hessspec.linop import LinearOperator, as_operator, solver_dtype
+from hessspec.linop import LinearOperator, as_operator
 from hessspec.linop import basis_dtype as resolve_basis_dtype
+from hessspec.memory import check_call
 
-__all__ = ["SpectralDensity", "gaussian_quadrature", "ghorbani_sigma", "spectral_density"]
+__all__ = [
+    "SpectralDensity",
+    "SpectralResolutionWarning",
+    "gaussian_quadrature",
+    "ghorbani_sigma",
+    "spectral_density",
+]
 
 
 def ghorbani_sigma(lambda_min: float, lambda_max: float) -> float:
@@ -175,22 +185,8 @@ class SpectralDensity:
         return out
 
 
-@partial(
-    jax.jit,
-    static_argnames=("apply", "num_steps", "op_dtype", "batch_size", "bdt", "num_blocks", "host"),
-)
-def _slq_tridiagonals(
-    apply, operand, probes, num_steps, op_dtype, batch_size, bdt, num_blocks, host
-):
-    def one(v):
-        _, alphas, betas, done = _tridiag_core(
-            apply, operand, v, num_steps, op_dtype, False, bdt, num_blocks, host
-        )
-        return alphas, betas, done
-
-    if batch_size is None:
-        return jax.vmap(one)(probes)
-    return jax.lax.map(one, probes, batch_size=batch_size)
+class SpectralResolutionWarning(UserWarning):
+    """SLQ probes stopped early because the matvec could not resolve more of the spectrum."""
 
 
 def spectral_density(
@@ -198,24 +194,34 @@ def spectral_density(
     num_probes: int = 10,
     num_steps: int = 90,
     key: jax.Array | None = None,
+    *,
     dim: int | None = None,
-    probe_batch_size: int | None = None,
     basis_dtype: Any = None,
-    check_memory: bool | float = True,
     basis_memory: str = "device",
+    check_memory: bool | float = True,
+    progress: bool = False,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature of the spectral density of a symmetric operator.
 
-    Draws ``P = num_probes`` Rademacher probes ``v_p`` normalized to unit length, runs
-    ``m = num_steps`` Lanczos steps with full reorthogonalization from each (all probes in
-    one compiled program, vmapped), and returns each probe's Gaussian quadrature. Where a
-    probe's Krylov space becomes invariant before ``m`` steps (e.g. ``A`` has fewer than ``m``
-    distinct eigenvalues) the iteration stops there and the unused quadrature slots get
-    weight 0: the quadrature is then exact for that probe.
+    For each of ``P = num_probes`` Rademacher probes ``v_p`` (entries ``+-1/sqrt(n)``, drawn
+    by a NumPy generator seeded from ``key``) runs ``m = num_steps`` Lanczos steps with full
+    reorthogonalization and returns the probe's Gaussian quadrature. The probes run one after
+    another on one basis, in :mod:`hessspec.krylov`'s compiled engine: the program depends
+    neither on ``P`` nor on ``m`` (up to the basis size ``basis_rows(m)``, 128 rows for
+    ``m <= 128``), so it is the program :func:`hessspec.top_eigenpairs` compiled for the same
+    operator.
 
-    Cost: ``P * m`` matvecs; memory ``P_b * m * n`` numbers in the basis dtype for the bases
-    of the ``P_b`` probes run together (only their tridiagonals are kept), plus the ``P``
-    probes and the working set of ``P_b`` Hessian-vector products at once.
+    Where a probe's Krylov space becomes invariant before ``m`` steps (``A`` has fewer than
+    ``m`` distinct eigenvalues: ``beta_j <= breakdown_tolerance(dtype) * ||A v_j||``) the
+    iteration stops and the unused slots get weight 0: the quadrature is then exact for that
+    probe. A large eigenvalue sets the rounding of every product: for an operator in float32
+    or less, where a step's ``beta`` falls below ``resolution_tolerance(dtype) * max ||A v||``
+    (a breakdown included) eigenvalues closer together than that may be merged or replaced by
+    rounding noise, and a :class:`SpectralResolutionWarning` says so (a bulk of width 0.1
+    under an outlier of 1e4 is resolved in float32; one of width 1e-4 is not).
+
+    Cost: ``P * m`` matvecs; memory: one basis of ``basis_rows(m)`` rows, the operator's
+    data and the working set of one matvec.
 
     Args:
         op: :class:`~hessspec.linop.LinearOperator`, or a callable ``v -> A v`` with ``dim=``.
@@ -223,31 +229,28 @@ def spectral_density(
         num_steps: ``m``, ``1 <= m <= dim``.
         key: PRNG key for the probes; ``None`` uses ``jax.random.key(0)``.
         dim: vector length when ``op`` is a plain callable.
-        probe_batch_size: run probes in ``lax.map`` chunks of this many (vmapped within a
-            chunk) to bound memory; ``None`` runs all probes at once.
-        basis_dtype: dtype of the Krylov bases: None (the solver dtype, float64 when x64 is
-            on) or ``"float32"`` (half the memory; the tridiagonals stay in the solver
-            dtype; nodes carry relative errors of ~1e-7, far below the smoothing width).
-        check_memory: before starting, compare :func:`hessspec.memory.estimate_memory` of
-            this call with :func:`hessspec.memory.available_memory` and raise
-            ``MemoryError`` if it cannot fit. A number is used as the available bytes
-            instead; False skips the check.
-        basis_memory: ``"device"`` or ``"host"``: keep the probes' bases in host memory
-            (see :func:`hessspec.top_eigenpairs`); same numbers either way.
+        basis_dtype: dtype of the basis: None (the solver dtype, float64 when x64 is on) or
+            ``"float32"`` (half the memory; nodes carry relative errors of ~1e-7, far below
+            the smoothing width).
+        basis_memory: ``"device"`` or ``"host"`` (see :func:`hessspec.top_eigenpairs`).
+        check_memory: compare :func:`hessspec.memory.estimate_memory` with the memory
+            available first and raise ``MemoryError`` if it cannot fit; a number is used as
+            the available bytes; False skips the check.
+        progress: show a tqdm bar over probes.
 
     Returns:
         :class:`SpectralDensity` with ``nodes``/``weights`` of shape ``(P, m)``.
 
     Raises:
-        ValueError: ``num_probes < 1``, ``num_steps`` outside ``[1, dim]``, bad batch size or
-            ``basis_dtype``.
+        ValueError: ``num_probes < 1``, ``num_steps`` outside ``[1, dim]``, bad
+            ``basis_dtype`` or ``basis_memory``.
         MemoryError: the memory estimate exceeds the available memory (``check_memory``).
         FloatingPointError: the matvec produced NaN/Inf.
     """
     op = as_operator(op, dim)
     n = op.dim
-    num_probes = int(num_probes)
-    num_steps = int(num_steps)
+    num_probes = operator.index(num_probes)
+    num_steps = operator.index(num_steps)
     if num_probes < 1:
         raise ValueError(f"spectral_density: num_probes={num_probes} must be at least 1.")
     if num_steps < 1:
@@ -258,46 +261,52 @@ def spectral_density(
             f"Krylov space has at most dim dimensions, use num_steps <= {n} (num_steps = dim "
             "gives the exact spectrum)."
         )
-    if probe_batch_size is not None:
-        probe_batch_size = int(probe_batch_size)
-        if probe_batch_size < 1:
-            raise ValueError(
-                f"spectral_density: probe_batch_size={probe_batch_size} must be positive."
-            )
-        if probe_batch_size >= num_probes:
-            probe_batch_size = None
     bdt = resolve_basis_dtype(op.dtype, basis_dtype)
-    host = _check_basis_memory(basis_memory, "spectral_density")
-    if check_memory is not False:
-        from hessspec.memory import check_fits, estimate_memory
-
-        check_fits(
-            estimate_memory(
-                op,
-                num_steps=num_steps,
-                num_probes=num_probes,
-                probe_batch_size=probe_batch_size,
-                basis_dtype=bdt,
-                basis_memory=basis_memory,
-            ),
-            available=None if check_memory is True else float(check_memory),
-            device=_device_of(op),
-        )
-    key = jax.random.key(DEFAULT_SEED) if key is None else key
-    sdt = solver_dtype(op.dtype)
-    probes = jax.random.rademacher(key, (num_probes, n), dtype=sdt) / np.sqrt(n)
-    alphas, betas, done = _slq_tridiagonals(
-        op.apply,
-        op.operand,
-        probes,
-        num_steps,
-        op.dtype,
-        probe_batch_size,
-        bdt,
-        _num_blocks(num_steps, n),
-        host,
+    host = check_basis_memory(basis_memory, "spectral_density")
+    check_call(
+        check_memory,
+        op,
+        num_steps=num_steps,
+        num_probes=num_probes,
+        basis_dtype=bdt,
+        basis_memory=basis_memory,
     )
-    alphas, betas, done = np.asarray(alphas), np.asarray(betas), np.asarray(done)
-    _check_finite(alphas, betas)
+    runner = KrylovRunner(
+        op, basis_rows(num_steps), basis_dtype=bdt, host=host, key=default_key(key)
+    )
+    alphas = np.zeros((num_probes, num_steps))
+    betas = np.zeros((num_probes, max(num_steps - 1, 0)))
+    done = np.zeros(num_probes, np.int64)
+    unresolved = []
+    for p in tqdm(range(num_probes), desc="slq", disable=not progress, leave=False):
+        runner.reset()
+        runner.lanczos(0, num_steps, stop_at_breakdown=True, start=runner.rademacher())
+        coef, _, _, steps = runner.projected()
+        check_finite(coef)
+        done[p] = steps
+        alphas[p, :steps] = np.diagonal(coef)[:steps]
+        betas[p, : max(steps - 1, 0)] = np.diagonal(coef, 1)[: max(steps - 1, 0)]
+        count = int(runner.state.unresolved)
+        if count:
+            unresolved.append((p, count, float(runner.state.scale)))
+    if unresolved and np.finfo(op.dtype).eps > 1e-10:
+        _warn_resolution(unresolved, op.dtype)
     nodes, weights = gaussian_quadrature(alphas, betas, done)
     return SpectralDensity(nodes=nodes, weights=weights, num_steps_done=done, dim=n)
+
+
+def _warn_resolution(unresolved, op_dtype) -> None:
+    """Name the probes whose Lanczos steps went below what a low-precision matvec resolves."""
+    resolution = resolution_tolerance(op_dtype) * max(scale for _, _, scale in unresolved)
+    probes = ", ".join(f"{p} ({count} steps)" for p, count, _ in unresolved[:5])
+    more = f" and {len(unresolved) - 5} more" if len(unresolved) > 5 else ""
+    warnings.warn(
+        SpectralResolutionWarning(
+            f"spectral_density: probes {probes}{more} reached Lanczos steps whose beta was "
+            f"below what {np.dtype(op_dtype).name} matvecs resolve (about {resolution:.3g}, "
+            f"{RESOLUTION_FACTOR:g} eps x the largest |A v|): eigenvalues closer together "
+            "than that are merged into single nodes or replaced by rounding noise. A float64 "
+            "operator resolves them."
+        ),
+        stacklevel=3,
+    )

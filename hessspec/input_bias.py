@@ -70,7 +70,6 @@ __all__ = [
     "InputBiasConfig",
     "LinearSettings",
     "MLPSettings",
-    "OperatorCache",
     "StudyOutput",
     "plot_gd_convergence",
     "plot_linear_density",
@@ -455,48 +454,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-class OperatorCache:
-    """Reuse compiled Lanczos/SLQ programs across Hessian operators of the same function.
-
-    :func:`hessspec.hessian_operator` builds a fresh ``apply`` closure per call, and the
-    Lanczos and SLQ programs are compiled per ``apply`` (a static jit argument, hashed by
-    identity), so every new operator pays the XLA compilation again. Two operators whose
-    losses are the same function of ``(params, batch)`` (the same model structure and loss,
-    no closed-over constants that matter: no BatchNorm, or BatchNorm in ``"train"`` mode,
-    where the stored statistics are unused) and whose operands have the same shapes differ
-    only in their ``operand`` (parameters and data). :meth:`hessian` then returns the new
-    operator with the ``apply`` of the first one, so the compiled programs are reused; the
-    operand, and with it the parameters and data, are the new operator's own.
-    """
-
-    def __init__(self):
-        self._apply: dict[Any, Any] = {}
-
-    def hessian(self, tag: Any, loss_fn, params: Any, data: Any):
-        """``hessian_operator(loss_fn, params, data)``, sharing ``apply`` with an earlier
-        operator of the same ``tag`` and operand shapes.
-
-        Args:
-            tag: hashable description of the loss function (None: never share).
-            loss_fn, params, data: as for :func:`hessspec.hessian_operator`.
-        """
-        from hessspec.operators import hessian_operator
-
-        op = hessian_operator(loss_fn, params, data)
-        if tag is None:
-            return op
-        leaves, treedef = jax.tree.flatten(op.operand)
-        key = (
-            tag,
-            op.dim,
-            str(op.dtype),
-            treedef,
-            tuple((np.shape(x), str(x.dtype)) for x in leaves),
-        )
-        apply = self._apply.setdefault(key, op.apply)
-        return op if apply is op.apply else dataclasses.replace(op, apply=apply)
-
-
 def _dtype(name: str):
     return {"float32": jnp.float32, "float64": jnp.float64}[name]
 
@@ -644,9 +601,7 @@ def _density_from_record(rec: Mapping[str, Any], grid: np.ndarray, sigma: float 
     return sd.density(grid, sigma=rec["default_sigma"] if sigma is None else sigma)
 
 
-def _linear_variant(
-    cfg: LinearSettings, mean: float, seed: int, key, cache: OperatorCache
-) -> dict[str, Any]:
+def _linear_variant(cfg: LinearSettings, mean: float, seed: int, key) -> dict[str, Any]:
     import hessspec as hs
     from hessspec.data import synthetic_gaussian
     from hessspec.models import make_model
@@ -660,12 +615,11 @@ def _linear_variant(
     )
     model = make_model("linear", (n,), 0, False, seed=seed, dtype=dtype, use_bias=False)
     obj = make_objective(model, "mse")
-    op = cache.hessian(("linear-mse", n), obj.loss_fn, obj.params, data.batch)
+    op = hs.hessian_operator(obj.loss_fn, obj.params, data.batch)
     k_top, k_bot, k_slq = jax.random.split(key, 3)
     steps = cfg.lanczos_steps or None
     t0 = time.perf_counter()
     top = hs.top_eigenpairs(op, 2, num_steps=steps, key=k_top)
-    # k = 2 at both ends: the same compiled program serves both calls.
     bottom = hs.top_eigenpairs(op, 2, num_steps=steps, key=k_bot, which="smallest")
     t_lanczos = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -781,11 +735,10 @@ def _linear_agreements(variants: Mapping[str, Any], cfg: LinearSettings) -> list
 def _run_linear(config: InputBiasConfig, bar) -> dict[str, Any]:
     cfg = config.linear
     key = jax.random.key(config.seed)
-    cache = OperatorCache()
     variants = {}
     for name, mean in (("biased", cfg.mean), ("centered", 0.0)):
         bar.set_postfix_str(f"linear/{name}")
-        variants[name] = _linear_variant(cfg, mean, config.seed, key, cache)
+        variants[name] = _linear_variant(cfg, mean, config.seed, key)
         bar.update(1)
     agreements = _linear_agreements(variants, cfg)
     sigma = cfg.sigma or max(v["slq"]["default_sigma"] for v in variants.values())
@@ -845,11 +798,8 @@ def _mean_direction_overlap(op, vector, mean_direction: np.ndarray) -> float:
     return float(proj @ proj / np.sum(np.asarray(vector, np.float64) ** 2))
 
 
-def _analyse_mlp(
-    model, cfg: MLPSettings, sub, mode, mean_direction, key, cache: OperatorCache
-) -> dict[str, Any]:
+def _analyse_mlp(model, cfg: MLPSettings, sub, mode, mean_direction, key) -> dict[str, Any]:
     import hessspec as hs
-    from hessspec.models import batchnorm_layers
     from hessspec.objective import make_objective
 
     obj = make_objective(
@@ -858,9 +808,7 @@ def _analyse_mlp(
         mode,
         population_data=sub if mode == "population" else None,
     )
-    bn = bool(batchnorm_layers(model))
-    tag = ("mlp-ce", cfg.hidden, bn, mode) if mode in (None, "train") else None
-    op = cache.hessian(tag, obj.loss_fn, obj.params, sub.batch)
+    op = hs.hessian_operator(obj.loss_fn, obj.params, sub.batch)
     k_top, k_slq = jax.random.split(key)
     t0 = time.perf_counter()
     top = hs.top_eigenpairs(op, cfg.top_k, num_steps=cfg.lanczos_steps or None, key=k_top)
@@ -904,7 +852,6 @@ def _run_mlp(config: InputBiasConfig, bar) -> dict[str, Any]:
     mean_direction = mu / np.linalg.norm(mu)
     phases = [0] + ([cfg.train_steps] if cfg.train_steps > 0 else [])
     out = {"phases": phases, "variants": {}}
-    cache = OperatorCache()
     for name, prep, bn in _mlp_variants(cfg):
         train_set = load_digits("train", preprocessing=prep, flatten=True, dtype=np.dtype(dtype))
         if cfg.analysis_size > train_set.num_examples:
@@ -929,7 +876,7 @@ def _run_mlp(config: InputBiasConfig, bar) -> dict[str, Any]:
             for mode in modes:
                 bar.set_postfix_str(f"mlp/{name}/step {step}/{mode or 'no BN'}")
                 k = jax.random.fold_in(key, step)
-                res = _analyse_mlp(m, cfg, sub, mode, mean_direction, k, cache)
+                res = _analyse_mlp(m, cfg, sub, mode, mean_direction, k)
                 record["analyses"].setdefault(str(step), {})[str(mode)] = res
 
         tcfg = TrainConfig(

@@ -6,13 +6,15 @@ or, for tests and explicit matrices, a plain callable ``v -> A v`` together with
 
 The operator is split into a pure function ``apply(v, operand) -> A v`` and its ``operand``
 (a pytree of arrays: parameters, data). Solvers jit with ``apply`` static and ``operand``
-traced, so the data is an argument of the compiled program rather than a baked-in constant,
-and a second solver call on the same operator reuses the compiled program.
+traced, so the data is an argument of the compiled program rather than a baked-in constant:
+a second solver call on the same operator, or on an operator whose ``apply`` compares equal
+and whose operand has the same shapes, reuses the compiled program.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -24,14 +26,40 @@ import numpy as np
 __all__ = ["LinearOperator", "as_operator", "basis_dtype", "linearize", "solver_dtype"]
 
 
+class _Extras:
+    """What an operator carries besides its computation (ravel, unravel, description): kept
+    through flattening but equal for every operator, so it never splits a jit cache."""
+
+    __slots__ = ("ravel", "unravel", "description")
+
+    def __init__(self, ravel, unravel, description):
+        self.ravel, self.unravel, self.description = ravel, unravel, description
+
+    def __eq__(self, other):
+        return isinstance(other, _Extras)
+
+    def __hash__(self):
+        return 0
+
+
+@jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True, eq=False)
 class LinearOperator:
     """A symmetric linear operator ``A`` acting on flat vectors of length ``dim``.
 
+    A pytree: its one child is ``operand`` (the arrays: parameters, data, statistics), its
+    static part ``apply``, ``dim`` and ``dtype``. Solvers are jitted with ``apply`` static
+    and ``operand`` traced, so two operators whose ``apply`` compare equal and whose operands
+    have the same shapes and dtypes share every compiled program: the Hessian of the same
+    loss at the next checkpoint compiles nothing. ``ravel``, ``unravel`` and
+    ``description`` travel along but never take part in that comparison.
+
     Attributes:
         apply: pure function ``(v, operand) -> A v``; ``v`` and the result have shape
-            ``(dim,)`` and dtype ``dtype``. Hashed by identity (it is a static jit argument).
-        operand: pytree of arrays that ``apply`` reads (parameters, data); traced under jit.
+            ``(dim,)`` and dtype ``dtype``. A static jit argument: hashed, compared with
+            ``==`` (functions by identity; :func:`hessspec.hessian_operator` builds one
+            that compares by value).
+        operand: pytree of arrays that ``apply`` reads; traced under jit.
         dim: length of the vectors.
         dtype: dtype in which ``apply`` computes (the model's dtype for a Hessian).
         ravel: pytree -> flat vector of length ``dim`` (None for a plain matrix operator).
@@ -46,33 +74,49 @@ class LinearOperator:
     ravel: Callable[[Any], jax.Array] | None = None
     unravel: Callable[[jax.Array], Any] | None = None
     description: str = ""
-    _jitted_apply: Callable = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         if int(self.dim) < 1:
             raise ValueError(f"LinearOperator: dim must be a positive integer, got {self.dim}.")
         object.__setattr__(self, "dim", int(self.dim))
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
-        object.__setattr__(self, "_jitted_apply", jax.jit(self.apply))
+
+    def tree_flatten(self):
+        extras = _Extras(self.ravel, self.unravel, self.description)
+        return (self.operand,), (self.apply, self.dim, self.dtype, extras)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        apply, dim, dtype, extras = aux
+        return cls(apply, children[0], dim, dtype, extras.ravel, extras.unravel, extras.description)
 
     def matvec(self, v: jax.Array) -> jax.Array:
-        """``A v`` for a flat vector ``v`` of shape ``(dim,)``; jit-compiled once per operator."""
+        """``A v`` for a flat vector ``v`` of shape ``(dim,)``; one compiled program per
+        operator structure."""
         v = jnp.asarray(v)
         if v.shape != (self.dim,):
             raise ValueError(
                 f"matvec expects a flat vector of shape ({self.dim},), got shape {v.shape}; "
                 "use op.ravel(pytree) to flatten parameters-shaped vectors."
             )
-        return self._jitted_apply(v.astype(self.dtype), self.operand)
+        return _matvec(self.apply, v.astype(self.dtype), self.operand)
 
     def __matmul__(self, v):
         return self.matvec(v)
 
     def to_dense(self) -> np.ndarray:
         """The dense ``(dim, dim)`` matrix, one matvec per column. For tests and small dims."""
-        eye = jnp.eye(self.dim, dtype=self.dtype)
-        cols = jax.jit(jax.vmap(self.apply, in_axes=(0, None)))(eye, self.operand)
-        return np.asarray(cols).T
+        return np.asarray(_dense(self.apply, self.dim, self.dtype, self.operand)).T
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _matvec(apply, v, operand):
+    return apply(v, operand)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _dense(apply, dim, dtype, operand):
+    return jax.vmap(apply, in_axes=(0, None))(jnp.eye(dim, dtype=dtype), operand)
 
 
 def _call_matvec(matvec: Callable, v: jax.Array, operand: Any) -> jax.Array:

@@ -1,8 +1,9 @@
 """Memory a solver call will need, what the device has, and a refusal before starting.
 
-The largest objects of a Hessian spectrum run are the Krylov bases (``num_steps x dim`` per
-Lanczos run; SLQ keeps one per probe run together), then the operator's data (parameters
-and the dataset), then the working set of the Hessian-vector products that run at once.
+The largest object of a Hessian spectrum run is the Krylov basis (``M x dim``, ``M =
+basis_rows(num_steps)``, at least 128 rows; a thick restart briefly holds a second copy), then
+the operator's data (parameters and the dataset), then the working set of one
+Hessian-vector product (the solvers run one at a time).
 :func:`estimate_memory` adds these up for one call of :func:`hessspec.top_eigenpairs`,
 :func:`hessspec.spectral_density`, :func:`hessspec.trace` or
 :func:`hessspec.lanczos_tridiag`; :func:`available_memory` says what the device has free;
@@ -30,12 +31,14 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from hessspec.krylov import MIN_BASIS_ROWS, NUM_BASIS_BLOCKS, basis_rows, device_of
 from hessspec.linop import LinearOperator, as_operator, solver_dtype
 from hessspec.linop import basis_dtype as resolve_basis_dtype
 
 __all__ = [
     "MemoryEstimate",
     "available_memory",
+    "check_call",
     "check_fits",
     "estimate_memory",
     "format_bytes",
@@ -49,14 +52,12 @@ class MemoryEstimate(NamedTuple):
     """Bytes a solver call needs, by component.
 
     Attributes:
-        basis: Krylov bases: ``num_steps x dim`` per Lanczos run held at once, in the basis
-            dtype (``probe_batch_size`` of them for SLQ).
-        probes: probe, start, sketch and eigenvector arrays (``(count, dim)`` in the solver
-            dtype).
+        basis: the Krylov basis, ``basis_rows(num_steps) x dim`` in the basis dtype.
+        probes: the engine's work vectors (solver dtype) and the arrays returned on the
+            host (eigenvectors, a tridiagonalization's basis).
         operator: the operator's data as stored (parameters and dataset; every device's copy).
         hvp: working set of the Hessian-vector products that run at once (approximate).
-        workspace: other solver arrays: the copy kept during a thick restart, the
-            products of batched matvecs, per-run work vectors.
+        workspace: the copy of the basis a thick restart holds (top_eigenpairs).
         total: the sum.
         solver: which call this is for (``"top_eigenpairs"``, ``"spectral_density"``,
             ``"trace"``, ``"lanczos_tridiag"``).
@@ -243,32 +244,36 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Bytes one solver call needs, by component (see :class:`MemoryEstimate`).
 
-    Which call is estimated follows from the arguments:
+    Every solver runs :mod:`hessspec.krylov`'s engine on a basis of ``M = basis_rows(m)``
+    rows (at least 128) and one matvec at a time. Which call is estimated follows from the
+    arguments:
 
-    - ``k`` given: :func:`hessspec.top_eigenpairs` (``num_steps`` its basis size, default as
-      there; ``matvec_batch_size`` its residual matvecs);
+    - ``k`` given: :func:`hessspec.top_eigenpairs` (``num_steps`` its longest cycle,
+      default as there); a thick restart briefly holds a second copy of the basis;
     - ``num_probes`` given: :func:`hessspec.spectral_density` (``num_steps`` per probe,
-      default 90; ``probe_batch_size`` probes at once, None = all);
-    - ``num_matvecs`` given: :func:`hessspec.trace` (``method``; ``matvec_batch_size`` is its
-      ``batch_size``);
-    - otherwise: one :func:`hessspec.lanczos_tridiag` run of ``num_steps``.
+      default 90; the probes run one after another on one basis);
+    - ``num_matvecs`` given: :func:`hessspec.trace` (``method``; Hutch++ stores its
+      ``num_matvecs // 3`` sketch vectors in the basis);
+    - otherwise: one :func:`hessspec.lanczos_tridiag` run of ``num_steps`` (default 90),
+      whose basis is also returned as a host array.
 
     Args:
         op_or_dim: a :class:`~hessspec.linop.LinearOperator` (all components), a plain
             matvec callable with ``dim=``, or just the dimension (an int: operator data and
             HVP working set are then 0, the solver arrays exact).
-        num_steps, k, num_probes, probe_batch_size, basis_dtype, num_matvecs,
-        matvec_batch_size, method: as in the solver estimated.
+        num_steps, k, num_probes, basis_dtype, num_matvecs, method: as in the solver.
+        probe_batch_size, matvec_batch_size: accepted for compatibility (no effect).
         op_dtype: the operator's dtype when ``op_or_dim`` is an int (default: float32).
         dim: vector length for a plain callable.
         basis_memory: ``"device"`` or ``"host"`` as in the Lanczos solvers. With
             ``"host"`` on an accelerator, ``basis`` counts the one block of the basis (of
-            :data:`hessspec.lanczos.NUM_BASIS_BLOCKS`) streamed to the device at a time;
+            :data:`hessspec.krylov.NUM_BASIS_BLOCKS`) streamed to the device at a time;
             on CPU host memory is the device's, so nothing changes.
 
     Returns:
         :class:`MemoryEstimate` in bytes.
     """
+    del probe_batch_size, matvec_batch_size
     if isinstance(op_or_dim, int | np.integer) and not isinstance(op_or_dim, bool):
         op = None
         n = int(op_or_dim)
@@ -279,86 +284,56 @@ def estimate_memory(
     sdt = solver_dtype(odt)
     bdt = resolve_basis_dtype(odt, basis_dtype)
     s_item, b_item, o_item = sdt.itemsize, bdt.itemsize, np.dtype(odt).itemsize
-
-    def hvp(batch):
-        return 0 if op is None else hvp_working_set(op, batch)
-
     operator = 0 if op is None else operator_bytes(op)
+    hvp_bytes = 0 if op is None else hvp_working_set(op, 1)
     ndev, platform = (1, "cpu") if op is None else _operand_devices(op)
+    # the engine's vectors: f, the current and previous Lanczos vectors, x, A x and a fresh
+    # or probe vector (solver dtype), the matvec's input (operator dtype)
+    vectors = 6 * n * s_item + n * o_item
     hints: list[tuple[int, str]] = []
+    workspace = 0
     if k is not None:
         solver = "top_eigenpairs"
         k = int(k)
-        m = min(n, max(2 * k + 20, 3 * k)) if num_steps is None else int(num_steps)
-        p = min(m - 1, k + (m - k) // 2)
-        basis = m * n * b_item
-        # start vector, random-restart noise and f (solver dtype); k Ritz vectors at the end
-        probes = 3 * n * s_item + k * n * s_item
-        res_batch = k if matvec_batch_size is None else min(k, int(matvec_batch_size))
-        # thick restart: the kept Ritz vectors before they replace the basis; or the k
-        # residual products (and their inputs in the operator dtype) at the end
-        workspace = max(p * n * b_item, res_batch * n * (s_item + o_item))
-        hvp_bytes = max(hvp(1), hvp(res_batch))
-        if bdt.itemsize > 4:
-            hints.append((basis // 2, 'basis_dtype="float32"'))
-        hints.append((basis // 3, f"fewer num_steps (now {m}; memory grows with it)"))
-        if res_batch > 1:
-            hints.append((hvp_bytes - hvp(1), "matvec_batch_size=1 (residual matvecs)"))
+        m = min(n, basis_rows(max(2 * k + 20, 3 * k))) if num_steps is None else int(num_steps)
+        rows = basis_rows(m)
+        workspace = rows * n * b_item  # the restart's copy of the basis
+        probes = vectors + k * n * 8  # and the returned eigenvectors (float64, host)
+        if m > MIN_BASIS_ROWS:
+            hints.append((rows * n * b_item, f"fewer num_steps (now {m}; basis rows {rows})"))
     elif num_probes is not None:
         solver = "spectral_density"
         m = 90 if num_steps is None else int(num_steps)
-        num_probes = int(num_probes)
-        pb = num_probes if probe_batch_size is None else min(num_probes, int(probe_batch_size))
-        basis = pb * m * n * b_item
-        probes = num_probes * n * s_item
-        # per probe run at once: f, the breakdown noise and the current vector (solver
-        # dtype), and the matvec input in the operator dtype
-        workspace = pb * n * (3 * s_item + o_item)
-        hvp_bytes = hvp(pb)
-        if bdt.itemsize > 4:
-            hints.append((basis // 2, 'basis_dtype="float32"'))
-        if pb > 1:
-            smaller = max(1, pb // 4)
-            saving = basis - basis * smaller // pb + hvp_bytes - hvp(smaller)
-            hints.append((saving, f"probe_batch_size={smaller} (now {pb} probes at once)"))
-        hints.append((basis // 3, f"fewer num_steps (now {m})"))
+        rows = basis_rows(m)
+        probes = vectors
+        if m > MIN_BASIS_ROWS:
+            hints.append((rows * n * b_item // 2, f"fewer num_steps (now {m})"))
     elif num_matvecs is not None:
         solver = "trace"
         total_mv = int(num_matvecs)
-        if method == "hutchinson":
-            sketch, g = 0, total_mv
-        else:
-            sketch = min(total_mv // 3, n)
-            g = 2 if sketch == n else total_mv - 2 * sketch
-        basis = 0
-        probes = (g + 2 * sketch) * n * s_item  # probes, sketch, Q
-        at_once = max(sketch, g) if matvec_batch_size is None else int(matvec_batch_size)
-        at_once = max(1, min(at_once, max(sketch, g)))
-        # products A S and A Q / A z of the batch (solver dtype) and their inputs
-        workspace = max(sketch, g) * n * s_item + at_once * n * o_item
-        hvp_bytes = hvp(at_once)
-        if at_once > 1:
-            hints.append((hvp_bytes - hvp(1), "batch_size=1 for the trace's matvecs"))
-        hints.append((probes // 2, f"fewer num_matvecs (now {total_mv})"))
+        sketch = 0 if method == "hutchinson" else min(total_mv // 3, n)
+        rows = basis_rows(max(sketch, 1))
+        probes = vectors
+        if sketch > MIN_BASIS_ROWS:
+            hints.append((rows * n * b_item // 2, f"fewer num_matvecs (now {total_mv})"))
     else:
         solver = "lanczos_tridiag"
         m = 90 if num_steps is None else int(num_steps)
-        basis = m * n * b_item
-        probes = n * s_item
-        workspace = n * (3 * s_item + o_item)
-        hvp_bytes = hvp(1)
-        if bdt.itemsize > 4:
-            hints.append((basis // 2, 'basis_dtype="float32"'))
-        hints.append((basis // 3, f"fewer num_steps (now {m})"))
-    if basis and platform != "cpu":
-        from hessspec.lanczos import NUM_BASIS_BLOCKS
-
+        rows = basis_rows(m)
+        probes = vectors + m * n * 8  # the returned basis (float64, host)
+        if m > MIN_BASIS_ROWS:
+            hints.append((rows * n * b_item // 2, f"fewer num_steps (now {m})"))
+    basis = rows * n * b_item
+    if bdt.itemsize > 4:
+        hints.append(((basis + workspace) // 2, 'basis_dtype="float32"'))
+    if platform != "cpu":
         if basis_memory == "host":
             basis = basis // NUM_BASIS_BLOCKS
-        elif solver in ("top_eigenpairs", "lanczos_tridiag"):
+            workspace = workspace // NUM_BASIS_BLOCKS
+        else:
             saving = basis - basis // NUM_BASIS_BLOCKS
             hints.append((saving, 'basis_memory="host" (the basis in host memory)'))
-    if op is not None and hvp_bytes > 0:
+    if hvp_bytes > 0:
         hints.append(
             (
                 hvp_bytes // 2,
@@ -383,6 +358,19 @@ def estimate_memory(
         solver=solver,
         hints=ordered,
         devices=int(ndev),
+    )
+
+
+def check_call(check_memory: bool | float, op: LinearOperator, **kwargs: Any) -> None:
+    """The memory check a solver makes at its start: nothing when ``check_memory`` is False,
+    else :func:`check_fits` of :func:`estimate_memory` ``(op, **kwargs)`` against the memory
+    available (``True``) or the given number of bytes."""
+    if check_memory is False:
+        return
+    check_fits(
+        estimate_memory(op, **kwargs),
+        available=None if check_memory is True else float(check_memory),
+        device=device_of(op),
     )
 
 

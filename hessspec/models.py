@@ -753,9 +753,19 @@ def make_model(
     )
 
 
-def count_params(model: nnx.Module) -> int:
-    """Number of trainable scalars (``nnx.Param`` entries) in ``model``."""
-    return int(sum(np.size(v) for v in jax.tree.leaves(nnx.state(model, nnx.Param))))
+def count_params(model_or_params) -> int:
+    """Number of trainable scalars.
+
+    An ``nnx.Module`` counts its ``nnx.Param`` entries; anything else is taken as a pytree
+    of parameters (flax.linen ``variables["params"]``, haiku ``params``, an equinox model or
+    its ``eqx.partition``-ed arrays, a plain dict or array) and counts the entries of its
+    array leaves (non-array leaves such as activation functions count 0).
+    """
+    if isinstance(model_or_params, nnx.Module):
+        leaves = jax.tree.leaves(nnx.state(model_or_params, nnx.Param))
+    else:
+        leaves = jax.tree.leaves(model_or_params)
+    return int(sum(np.size(v) for v in leaves if isinstance(v, jax.Array | np.ndarray)))
 
 
 def batchnorm_layers(model: nnx.Module) -> list[tuple[tuple, nnx.BatchNorm]]:

@@ -17,6 +17,9 @@ with these batches descends, and it changes with ``batch_size``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,9 +36,11 @@ from hessspec.linop import LinearOperator
 __all__ = [
     "BatchLayout",
     "DatasetGradient",
+    "FlatLayout",
     "batch_layout",
     "example_mesh",
     "dataset_gradient",
+    "flat_layout",
     "ggn_operator",
     "hessian_operator",
 ]
@@ -157,11 +162,147 @@ def _check_finite(tree: Any, what: str) -> None:
             )
 
 
+def _is_array(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array | np.ndarray | np.generic | float | int) and not isinstance(
+        leaf, bool
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+    """How a parameter pytree maps to one flat vector (``ravel_pytree`` order): static and
+    hashable by value, so operators of the same parameter structure share compiled programs.
+
+    Attributes:
+        treedef: the pytree structure.
+        shapes: each leaf's shape.
+        dtypes: each leaf's dtype (``unravel`` casts back to them).
+        dtype: the flat vector's dtype (the leaves' common floating dtype).
+    """
+
+    treedef: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+    dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return int(sum(math.prod(s) for s in self.shapes))
+
+    def ravel(self, tree: Any) -> jax.Array:
+        """The flat ``(size,)`` vector of a pytree shaped like the parameters."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        if treedef != self.treedef or tuple(np.shape(x) for x in leaves) != self.shapes:
+            size = sum(int(np.size(x)) for x in leaves)
+            raise ValueError(
+                f"ravel: the pytree ({size} entries, structure {treedef}) is not shaped like "
+                f"the parameters ({self.size} entries, structure {self.treedef}); pass a "
+                "pytree shaped like params."
+            )
+        if not leaves:
+            return jnp.zeros((0,), self.dtype)
+        return jnp.concatenate([jnp.ravel(jnp.asarray(x)).astype(self.dtype) for x in leaves])
+
+    def unravel(self, flat: jax.Array) -> Any:
+        """The pytree shaped like the parameters of a flat ``(size,)`` vector."""
+        flat = jnp.asarray(flat)
+        if flat.shape != (self.size,):
+            raise ValueError(
+                f"unravel: expected a flat vector of shape ({self.size},), got {flat.shape}."
+            )
+        leaves, offset = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
+            size = math.prod(shape)
+            leaves.append(flat[offset : offset + size].reshape(shape).astype(dtype))
+            offset += size
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def flat_layout(params: Any) -> FlatLayout:
+    """The :class:`FlatLayout` of a parameter pytree.
+
+    Raises:
+        TypeError: a leaf that is not an array (e.g. a function inside an equinox module),
+            named by its path, with the fix.
+        ValueError: no entries, or leaves that are not floating point.
+    """
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    bad = [(path, leaf) for path, leaf in with_path if not _is_array(leaf)]
+    if bad:
+        names = ", ".join(
+            f"{jax.tree_util.keystr(path) or '(root)'} ({type(leaf).__name__})"
+            for path, leaf in bad[:5]
+        )
+        raise TypeError(
+            f"params must be a pytree of arrays; these leaves are not: {names}"
+            + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            + ". Pass only the arrays: with equinox, params, static = eqx.partition(model, "
+            "eqx.is_array) and a loss that recombines them (eqx.combine); with flax, the "
+            "parameter collection (variables['params'] or nnx.state(model, nnx.Param))."
+        )
+    leaves = [leaf for _, leaf in with_path]
+    if not leaves or sum(int(np.size(x)) for x in leaves) == 0:
+        raise ValueError("params has no entries: nothing to differentiate.")
+    dtypes = tuple(np.dtype(jnp.result_type(x)) for x in leaves)
+    ints = [
+        jax.tree_util.keystr(path) or "(root)"
+        for (path, _), dt in zip(with_path, dtypes, strict=True)
+        if not jnp.issubdtype(dt, jnp.floating)
+    ]
+    if ints:
+        raise ValueError(
+            f"params must be floating point; leaves {', '.join(ints[:5])} are not (dtype "
+            f"{dtypes[0]}...). Keep integer state out of the differentiated parameters."
+        )
+    return FlatLayout(
+        treedef=treedef,
+        shapes=tuple(tuple(int(d) for d in np.shape(x)) for x in leaves),
+        dtypes=dtypes,
+        dtype=np.dtype(jnp.result_type(*dtypes)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Callable:
+    """A user function split into its static part and its array leaves: a plain function is
+    all static (compared by identity); a pytree callable such as ``jax.tree_util.Partial``
+    contributes its leaves to the operand and its structure (with the function) to the
+    static part, so a new Partial of the same function with new arrays compiles nothing."""
+
+    function: Any  # the plain function, or None
+    treedef: Any  # the pytree structure, or None
+
+    def rebuild(self, leaves):
+        if self.function is not None:
+            return self.function
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def _split_callable(fn: Callable, name: str) -> tuple[_Callable, list]:
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}.")
+    leaves, treedef = jax.tree_util.tree_flatten(fn)
+    if len(leaves) == 1 and leaves[0] is fn:
+        return _Callable(fn, None), []
+    bad = [type(x).__name__ for x in leaves if not _is_array(x)]
+    if bad:
+        raise TypeError(
+            f"{name} is a pytree with non-array leaves ({', '.join(bad[:3])}); its leaves "
+            "must be arrays (e.g. jax.tree_util.Partial(fn, batch_stats))."
+        )
+    return _Callable(None, treedef), leaves
+
+
 def _check_scalar_loss(loss_fn: Callable, params: Any, batch: Any, name: str) -> None:
     try:
         out = jax.eval_shape(loss_fn, params, batch)
-    except Exception as err:  # surface the user's error with context
-        raise type(err)(f"calling {name}(params, batch) failed: {err}") from err
+    except Exception as err:  # keep the user's exception, with context
+        err.add_note(
+            f"hessspec: raised while calling {name}(params, batch) on the first batch (traced "
+            "with abstract arrays: Python control flow on array values such as `if x > 0:` "
+            "needs jnp.where or lax.cond)."
+        )
+        raise
     shape = getattr(out, "shape", None)
     if shape != ():
         raise ValueError(
@@ -174,9 +315,8 @@ def _check_scalar_loss(loss_fn: Callable, params: Any, batch: Any, name: str) ->
 
 class _Prepared(NamedTuple):
     flat_params: jax.Array
-    unravel: Callable
-    ravel: Callable
-    layout: BatchLayout
+    layout: FlatLayout
+    batches: BatchLayout
     full_batches: Any
     remainder: Any
     first_batch: Any
@@ -184,34 +324,22 @@ class _Prepared(NamedTuple):
 
 
 def _prepare(params: Any, data: Any, batch_size: int | None, devices: Any) -> _Prepared:
-    flat_params, unravel = ravel_pytree(params)
-    if flat_params.size == 0:
-        raise ValueError("params has no entries: nothing to differentiate.")
-    if not jnp.issubdtype(flat_params.dtype, jnp.floating):
-        raise ValueError(f"params must be floating point, got dtype {flat_params.dtype}.")
+    layout = flat_layout(params)
     _check_finite(params, "parameters")
     _check_finite(data, "data")
-    layout = batch_layout(data, batch_size)
+    batches = batch_layout(data, batch_size)
     mesh = example_mesh(devices)
-    full_batches, remainder = _split_batches(data, layout, mesh)
-    flat_params = _place(np.asarray(flat_params), mesh, None)
-    if layout.num_full_batches:
+    full_batches, remainder = _split_batches(data, batches, mesh)
+    flat = np.concatenate(
+        [np.ravel(np.asarray(x)).astype(layout.dtype) for x in jax.tree_util.tree_leaves(params)]
+    )
+    flat_params = _place(flat, mesh, None)
+    if batches.num_full_batches:
         first = jax.tree_util.tree_map(lambda a: a[0], full_batches)
     else:
         first = remainder
-    dtype = flat_params.dtype
-
-    def ravel(tree):
-        flat, _ = ravel_pytree(tree)
-        if flat.shape != flat_params.shape:
-            raise ValueError(
-                f"ravel: the pytree flattens to {flat.shape[0]} entries, the parameters to "
-                f"{flat_params.shape[0]}; pass a pytree shaped like params."
-            )
-        return flat.astype(dtype)
-
     platform = next(iter(flat_params.devices())).platform
-    return _Prepared(flat_params, unravel, ravel, layout, full_batches, remainder, first, platform)
+    return _Prepared(flat_params, layout, batches, full_batches, remainder, first, platform)
 
 
 def _batch_weighted_sum(
@@ -250,19 +378,74 @@ def _batch_weighted_sum(
     return total
 
 
-def _operator(apply: Callable, prep: _Prepared, name: str) -> LinearOperator:
+@dataclasses.dataclass(frozen=True)
+class _HessianApply:
+    """``(v, operand) -> H v``, static and hashable by value: the loss function's static
+    part, the parameter and batch layouts and the platform. ``operand`` is
+    ``(flat_params, loss_leaves, (full_batches, remainder))``."""
+
+    loss: _Callable
+    layout: FlatLayout
+    batches: BatchLayout
+    platform: str
+
+    def __call__(self, v, operand):
+        flat_params, loss_leaves, batches = operand
+        loss_fn = self.loss.rebuild(loss_leaves)
+        unravel = self.layout.unravel
+
+        def hvp_on(batch):
+            def grad_flat(p):
+                return ravel_pytree(jax.grad(loss_fn)(unravel(p), batch))[0]
+
+            return jax.jvp(grad_flat, (flat_params,), (v.astype(flat_params.dtype),))[1]
+
+        return _batch_weighted_sum(hvp_on, batches, self.batches, self.platform)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GGNApply:
+    """``(v, operand) -> G v``, static and hashable by value; ``operand`` is
+    ``(flat_params, (model_leaves, output_loss_leaves), (full_batches, remainder))``."""
+
+    model: _Callable
+    output_loss: _Callable
+    layout: FlatLayout
+    batches: BatchLayout
+    platform: str
+
+    def __call__(self, v, operand):
+        flat_params, (model_leaves, out_leaves), batches = operand
+        model_fn = self.model.rebuild(model_leaves)
+        output_loss_fn = self.output_loss.rebuild(out_leaves)
+        unravel = self.layout.unravel
+
+        def ggn_on(batch):
+            def outputs(p):
+                return model_fn(unravel(p), batch)
+
+            z, jv = jax.jvp(outputs, (flat_params,), (v.astype(flat_params.dtype),))
+            grad_out = jax.grad(output_loss_fn)
+            h_jv = jax.jvp(lambda o: grad_out(o, batch), (z,), (jv,))[1]
+            _, vjp = jax.vjp(outputs, flat_params)
+            return vjp(h_jv)[0]
+
+        return _batch_weighted_sum(ggn_on, batches, self.batches, self.platform)
+
+
+def _operator(apply: Callable, operand: Any, prep: _Prepared, name: str) -> LinearOperator:
     """The :class:`LinearOperator` of ``apply`` over the prepared parameters and batches."""
-    layout = prep.layout
+    batches, layout = prep.batches, prep.layout
     return LinearOperator(
         apply=apply,
-        operand=(prep.flat_params, (prep.full_batches, prep.remainder)),
-        dim=prep.flat_params.size,
-        dtype=prep.flat_params.dtype,
-        ravel=prep.ravel,
-        unravel=prep.unravel,
+        operand=operand,
+        dim=layout.size,
+        dtype=layout.dtype,
+        ravel=layout.ravel,
+        unravel=layout.unravel,
         description=(
-            f"{name} of the mean loss over {layout.num_examples} examples "
-            f"(batch size {layout.batch_size}, {prep.flat_params.size} parameters)"
+            f"{name} of the mean loss over {batches.num_examples} examples "
+            f"(batch size {batches.batch_size}, {layout.size} parameters)"
         ),
     )
 
@@ -283,11 +466,21 @@ def hessian_operator(
     ``(1/N) sum_i loss_i`` for a loss that separates over examples. For a loss that does not
     (BatchNorm in train mode) it is ``sum_b (|b|/N) Hess L_b`` under this fixed partition.
 
+    Compilation: the operator's ``apply`` compares equal for the same ``loss_fn`` (the same
+    function object, or a ``jax.tree_util.Partial`` of the same function with arrays of the
+    same shapes), the same parameter structure and the same batch layout; its operand holds
+    the parameters, the data and the Partial's arrays. Every solver program compiled for one
+    such operator serves the others: analysing the next checkpoint compiles nothing. Loss
+    functions that close over arrays (BatchNorm statistics, say) are new functions each
+    time; pass those arrays through a ``Partial`` instead (:func:`hessspec.make_objective`
+    does).
+
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``, the MEAN loss over the examples in
-            ``batch`` (a pytree shaped like ``data`` with fewer examples).
-        params: pytree of floating arrays (a flat array is fine); flattened with
-            ``ravel_pytree``, whose order ``op.ravel`` / ``op.unravel`` follow.
+            ``batch`` (a pytree shaped like ``data`` with fewer examples); a plain function
+            or a pytree callable such as ``jax.tree_util.Partial``.
+        params: pytree of floating arrays (a flat array is fine); flattened in
+            ``ravel_pytree`` order, which ``op.ravel`` / ``op.unravel`` follow.
         data: pytree of arrays whose leading axis indexes the N examples.
         batch_size: examples per batch (memory bound of one HVP); None = one batch of all N.
         devices: devices to run on, data parallel: each batch is sharded over a one-axis
@@ -303,23 +496,14 @@ def hessian_operator(
     Raises:
         ValueError: loss not a scalar, data leaves that disagree on N, bad batch_size,
             NaN/Inf in params or data.
+        TypeError: non-array leaves in params (named, with the fix).
     """
+    static, loss_leaves = _split_callable(loss_fn, "loss_fn")
     prep = _prepare(params, data, batch_size, devices)
     _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
-    unravel, layout = prep.unravel, prep.layout
-
-    def apply(v, operand):
-        flat_params, batches = operand
-
-        def hvp_on(batch):
-            def grad_flat(p):
-                return ravel_pytree(jax.grad(loss_fn)(unravel(p), batch))[0]
-
-            return jax.jvp(grad_flat, (flat_params,), (v.astype(flat_params.dtype),))[1]
-
-        return _batch_weighted_sum(hvp_on, batches, layout, prep.platform)
-
-    return _operator(apply, prep, "Hessian")
+    apply = _HessianApply(static, prep.layout, prep.batches, prep.platform)
+    operand = (prep.flat_params, loss_leaves, (prep.full_batches, prep.remainder))
+    return _operator(apply, operand, prep, "Hessian")
 
 
 def ggn_operator(
@@ -338,7 +522,8 @@ def ggn_operator(
     The Hessian splits as ``H = G + R`` with ``R = sum_i (dL/dz_i) Hess z_i`` (Papyan's
     decomposition): ``hessian_operator(lambda p, b: output_loss_fn(model_fn(p, b), b), ...)``
     minus this operator is ``R``. ``G`` is positive semi-definite for a convex output loss
-    (cross-entropy, squared error).
+    (cross-entropy, squared error). Compiled programs are shared as for
+    :func:`hessian_operator`.
 
     Args:
         model_fn: ``model_fn(params, batch) -> outputs`` (any array or pytree of arrays).
@@ -348,28 +533,19 @@ def ggn_operator(
     Returns:
         LinearOperator for ``G`` on flat parameter vectors.
     """
+    model_static, model_leaves = _split_callable(model_fn, "model_fn")
+    out_static, out_leaves = _split_callable(output_loss_fn, "output_loss_fn")
     prep = _prepare(params, data, batch_size, devices)
     _check_scalar_loss(
         lambda p, b: output_loss_fn(model_fn(p, b), b), params, prep.first_batch, "output_loss_fn"
     )
-    unravel, layout = prep.unravel, prep.layout
-
-    def apply(v, operand):
-        flat_params, batches = operand
-
-        def ggn_on(batch):
-            def outputs(p):
-                return model_fn(unravel(p), batch)
-
-            z, jv = jax.jvp(outputs, (flat_params,), (v.astype(flat_params.dtype),))
-            grad_out = jax.grad(output_loss_fn)
-            h_jv = jax.jvp(lambda o: grad_out(o, batch), (z,), (jv,))[1]
-            _, vjp = jax.vjp(outputs, flat_params)
-            return vjp(h_jv)[0]
-
-        return _batch_weighted_sum(ggn_on, batches, layout, prep.platform)
-
-    return _operator(apply, prep, "Gauss-Newton")
+    apply = _GGNApply(model_static, out_static, prep.layout, prep.batches, prep.platform)
+    operand = (
+        prep.flat_params,
+        (model_leaves, out_leaves),
+        (prep.full_batches, prep.remainder),
+    )
+    return _operator(apply, operand, prep, "Gauss-Newton")
 
 
 class DatasetGradient(NamedTuple):
@@ -384,6 +560,31 @@ class DatasetGradient(NamedTuple):
     gradient: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class _GradientFn:
+    """``operand -> (loss, flat gradient)``; static and hashable by value."""
+
+    loss: _Callable
+    layout: FlatLayout
+    batches: BatchLayout
+    platform: str
+
+    def __call__(self, operand):
+        flat_params, loss_leaves, batches = operand
+        loss_fn = self.loss.rebuild(loss_leaves)
+        unravel = self.layout.unravel
+
+        def on(batch):
+            return jax.value_and_grad(lambda p: loss_fn(unravel(p), batch))(flat_params)
+
+        return _batch_weighted_sum(on, batches, self.batches, self.platform)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dataset_gradient(fn: _GradientFn, operand):
+    return fn(operand)
+
+
 def dataset_gradient(
     loss_fn: Callable[[Any, Any], jax.Array],
     params: Any,
@@ -395,19 +596,14 @@ def dataset_gradient(
     """Loss and flat gradient of the dataset mean, batched exactly as :func:`hessian_operator`.
 
     The gradient is the one whose Hessian :func:`hessian_operator` returns for the same
-    ``batch_size``, so gradient-energy fractions use consistent objects.
+    ``batch_size``, so gradient-energy fractions use consistent objects. The compiled program
+    is shared across calls as the operators' are.
     """
+    static, loss_leaves = _split_callable(loss_fn, "loss_fn")
     prep = _prepare(params, data, batch_size, devices)
     _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
-    unravel, layout = prep.unravel, prep.layout
-
-    @jax.jit
-    def run(flat_params, batches):
-        def on(batch):
-            loss, grad = jax.value_and_grad(lambda p: loss_fn(unravel(p), batch))(flat_params)
-            return loss, grad
-
-        return _batch_weighted_sum(on, batches, layout, prep.platform)
-
-    loss, grad = run(prep.flat_params, (prep.full_batches, prep.remainder))
+    fn = _GradientFn(static, prep.layout, prep.batches, prep.platform)
+    loss, grad = _dataset_gradient(
+        fn, (prep.flat_params, loss_leaves, (prep.full_batches, prep.remainder))
+    )
     return DatasetGradient(loss, grad)

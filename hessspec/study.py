@@ -18,11 +18,8 @@ The Hessian and the full-batch gradient are those of ``sum_b (|b|/N) L_b`` over 
 analysis set cut into consecutive batches of ``hvp_batch_size`` (exactly the dataset-mean
 loss without BatchNorm and in eval/population mode; in BN train mode the function whose
 batches use their own statistics, as in :func:`hessspec.hessian_operator` with that batch
-size). In train mode the batches are vmapped inside one loss evaluation, so a
-Hessian-vector product is one compiled program over the whole analysis set (or over chunks
-of ``chunk_size``) rather than a loop over small batches. Every metric is computed in the
-objective's BN mode. It knows nothing of files: it returns a JSON-ready record and a dict
-of arrays.
+size). Every metric is computed in the objective's BN mode. It knows nothing of files: it
+returns a JSON-ready record and a dict of arrays.
 """
 
 from __future__ import annotations
@@ -48,7 +45,7 @@ from hessspec.lanczos import LanczosConvergenceWarning, top_eigenpairs
 from hessspec.linop import LinearOperator
 from hessspec.memory import MemoryEstimate, estimate_memory
 from hessspec.objective import Objective, output_loss
-from hessspec.operators import hessian_operator
+from hessspec.operators import dataset_gradient, hessian_operator
 from hessspec.trace import trace
 
 __all__ = [
@@ -186,25 +183,14 @@ def density_grid(lo: float, hi: float, sigma: float, max_points: int = 20000) ->
     return np.linspace(a, b, n)
 
 
-def _first(tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda a: a[0], tree)
-
-
-def _tile(tree: Any, n: int) -> Any:
-    return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n, *jnp.shape(a))), tree)
-
-
 class CheckpointAnalyzer:
     """Analyses one network in one BatchNorm mode at successive checkpoints.
 
-    Every compiled program (Hessian-vector product inside Lanczos, SLQ and trace; gradients;
-    metrics) is built at the first checkpoint and reused at the later ones: the loss is a
-    fixed function of ``(params, batch)`` whose BatchNorm statistics (running averages in
-    eval mode, recomputed ones in population mode) travel inside the data as a leaf tiled
-    along the example axis, so only arrays change between checkpoints. The Hessian operator
-    of a later checkpoint is the first one's ``apply`` with the new operand, which is the
-    same function because the loss function, the parameter structure and the batch layout
-    are the same.
+    Nothing here works around compilation: the objective's loss is a
+    ``jax.tree_util.Partial`` whose leaves are the BN statistics, so
+    :func:`hessspec.hessian_operator` of the next checkpoint (new parameters, new running
+    averages) compares equal in structure and every solver program compiled at the first
+    checkpoint is reused.
 
     Args:
         objective: the network at its first checkpoint, in the mode analysed (from
@@ -241,42 +227,18 @@ class CheckpointAnalyzer:
         self.num_classes = int(num_classes)
         self.settings = settings
         graphdef, rest, loss = objective.graphdef, objective.rest, objective.loss
+        # in BN train mode each batch of hvp_batch_size is normalised with its own
+        # statistics; otherwise the loss separates and the batch size only bounds memory
+        if objective.bn_mode == "train":
+            self.operator_batch_size = settings.hvp_batch_size
+        else:
+            self.operator_batch_size = settings.chunk_size
 
         def logits(params, stats, x):
             return nnx.merge(graphdef, params, stats, rest)(x)
 
         def loss_with(params, stats, batch):
             return output_loss(logits(params, stats, batch["x"]), batch, loss)
-
-        batch_stats = objective.bn_mode == "train"
-        bs = settings.hvp_batch_size
-
-        def op_loss(params, chunk):
-            """Mean loss over a chunk ``{"x", "y", "stats"}`` (stats tiled per example) of
-            the analysis set. In BN train mode the chunk is cut into consecutive batches of
-            ``bs``, each normalised with its own statistics (vmapped over the full batches,
-            a ragged rest on its own), weighted by size: ``(1/n) sum_b |b| L_b``."""
-            stats = _first(chunk["stats"])
-            data = {"x": chunk["x"], "y": chunk["y"]}
-            n = chunk["x"].shape[0]
-            if not batch_stats or n <= bs:
-                return loss_with(params, stats, data)
-            full = n // bs * bs
-            batched = jax.tree_util.tree_map(
-                lambda a: a[:full].reshape(full // bs, bs, *a.shape[1:]), data
-            )
-            per_batch = jax.vmap(lambda b: loss_with(params, stats, b))(batched)
-            total = jnp.sum(per_batch) * bs
-            if full < n:
-                rest = jax.tree_util.tree_map(lambda a: a[full:], data)
-                total = total + loss_with(params, stats, rest) * (n - full)
-            return total / n
-
-        self._op_loss = op_loss
-        self._template = None
-        self._value_and_grad = jax.jit(
-            lambda p, chunk: _ravel_grad(jax.value_and_grad(op_loss), p, chunk)
-        )
 
         def metrics(params, stats, x, y):
             z = logits(params, stats, x)
@@ -295,98 +257,64 @@ class CheckpointAnalyzer:
 
         self._minibatch_grads = jax.jit(minibatch_grads)
 
-    def _data(self, objective: Objective) -> dict[str, Any]:
-        n = self.analysis_set.num_examples
-        return {**self.analysis_set.batch, "stats": _tile(objective.stats, n)}
-
     def operator(self, objective: Objective) -> LinearOperator:
         """The Hessian of the analysed loss at ``objective.params`` over the analysis set
-        (batches of ``settings.hvp_batch_size``, computed in chunks of
-        ``settings.chunk_size``), sharing compiled programs with the earlier calls."""
-        op = hessian_operator(
-            self._op_loss,
+        (batches of ``hvp_batch_size`` in BN train mode, chunks of ``chunk_size``
+        otherwise)."""
+        return hessian_operator(
+            objective.loss_fn,
             objective.params,
-            self._data(objective),
-            batch_size=self.settings.chunk_size,
-        )
-        if self._template is None:
-            self._template = op
-            return op
-        if op.dim != self._template.dim or op.dtype != self._template.dtype:
-            raise ValueError(
-                f"the network changed shape between checkpoints: {op.dim} parameters "
-                f"({op.dtype}) now, {self._template.dim} ({self._template.dtype}) before."
-            )
-        return LinearOperator(
-            apply=self._template.apply,
-            operand=op.operand,
-            dim=op.dim,
-            dtype=op.dtype,
-            ravel=op.ravel,
-            unravel=op.unravel,
-            description=op.description,
+            self.analysis_set.batch,
+            batch_size=self.operator_batch_size,
         )
 
     def memory_estimates(self, objective: Objective) -> list[MemoryEstimate]:
         """Memory estimates of the three solver calls :meth:`analyse` makes, in order:
         :func:`hessspec.top_eigenpairs` (``top_k`` pairs, ``lanczos_steps`` basis vectors),
-        :func:`hessspec.spectral_density` (``slq_probes`` probes of ``slq_steps`` steps,
-        ``slq_probe_batch_size`` at once) and :func:`hessspec.trace` (``trace_matvecs``),
-        each with the settings' basis dtype and matvec batch size, on the Hessian operator
-        of ``objective`` over the analysis set in chunks of ``chunk_size``.
+        :func:`hessspec.spectral_density` (``slq_probes`` probes of ``slq_steps`` steps) and
+        :func:`hessspec.trace` (``trace_matvecs``), each with the settings' basis dtype, on
+        the Hessian operator of ``objective`` over the analysis set.
 
         Builds that operator (the analysis set goes onto the devices) and traces one
-        Hessian-vector product, but compiles and runs nothing, and leaves the analyzer as
-        it was: a network of the same shape at step 0 gives the estimate of every
-        checkpoint. The run needs the largest of the three (they run one after another).
+        Hessian-vector product, but compiles and runs nothing: a network of the same shape
+        at step 0 gives the estimate of every checkpoint. The run needs the largest of the
+        three (they run one after another).
 
         Returns:
             Three :class:`~hessspec.memory.MemoryEstimate` (bytes by component).
         """
         s = self.settings
-        op = hessian_operator(
-            self._op_loss, objective.params, self._data(objective), batch_size=s.chunk_size
-        )
+        op = self.operator(objective)
         return [
             estimate_memory(
                 op,
                 k=s.top_k,
                 num_steps=s.lanczos_steps,
                 basis_dtype=s.basis_dtype,
-                matvec_batch_size=s.matvec_batch_size,
                 basis_memory=s.basis_memory,
             ),
             estimate_memory(
                 op,
                 num_probes=s.slq_probes,
                 num_steps=s.slq_steps,
-                probe_batch_size=s.slq_probe_batch_size,
                 basis_dtype=s.basis_dtype,
                 basis_memory=s.basis_memory,
             ),
             estimate_memory(
-                op,
-                num_matvecs=s.trace_matvecs,
-                matvec_batch_size=s.matvec_batch_size,
-                method=s.trace_method,
+                op, num_matvecs=s.trace_matvecs, method=s.trace_method, basis_dtype=s.basis_dtype
             ),
         ]
 
     def full_gradient(self, objective: Objective) -> tuple[float, np.ndarray]:
         """``(loss, flat gradient)`` of the operator's function, ``sum_b (|b|/N) L_b`` over
-        the analysis set (same batches, same chunks), accumulated in float64."""
-        data = self._data(objective)
-        n = self.analysis_set.num_examples
-        size = self.settings.chunk_size or n
-        total_loss, total_grad = 0.0, None
-        for start in range(0, n, size):
-            chunk = jax.tree_util.tree_map(lambda a, s=start: jnp.asarray(a[s : s + size]), data)
-            w = int(chunk["x"].shape[0]) / n
-            value, grad = self._value_and_grad(objective.params, chunk)
-            total_loss += w * float(value)
-            g = np.asarray(grad, dtype=np.float64) * w
-            total_grad = g if total_grad is None else total_grad + g
-        return total_loss, total_grad
+        the analysis set (the same batches), as float64."""
+        out = dataset_gradient(
+            objective.loss_fn,
+            objective.params,
+            self.analysis_set.batch,
+            batch_size=self.operator_batch_size,
+        )
+        return float(out.loss), np.asarray(out.gradient, dtype=np.float64)
 
     def evaluate(self, objective: Objective, dataset: Dataset) -> tuple[float, float]:
         """Mean loss and accuracy over ``dataset`` in consecutive batches of
@@ -466,7 +394,6 @@ class CheckpointAnalyzer:
                 num_steps=s.lanczos_steps,
                 key=k_eig,
                 tol=s.tol,
-                matvec_batch_size=s.matvec_batch_size,
                 basis_dtype=s.basis_dtype,
                 basis_memory=s.basis_memory,
                 check_memory=self.check_memory,
@@ -486,7 +413,6 @@ class CheckpointAnalyzer:
             num_probes=s.slq_probes,
             num_steps=s.slq_steps,
             key=k_slq,
-            probe_batch_size=s.slq_probe_batch_size,
             basis_dtype=s.basis_dtype,
             basis_memory=s.basis_memory,
             check_memory=self.check_memory,
@@ -503,7 +429,7 @@ class CheckpointAnalyzer:
             num_matvecs=s.trace_matvecs,
             key=k_tr,
             method=s.trace_method,
-            batch_size=s.matvec_batch_size,
+            basis_dtype=s.basis_dtype,
             check_memory=self.check_memory,
         )
 
@@ -562,8 +488,3 @@ class CheckpointAnalyzer:
             "gradient_energy_minibatch": energy_mb,
         }
         return CheckpointAnalysis(record=record, arrays=arrays)
-
-
-def _ravel_grad(value_and_grad: Callable, params, chunk):
-    value, grad = value_and_grad(params, chunk)
-    return value, ravel_pytree(grad)[0]

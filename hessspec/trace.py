@@ -4,7 +4,8 @@ Hutchinson (1989): for Rademacher ``z`` (i.i.d. +-1 entries) ``E[z^T A z] = tr(A
 of ``N`` samples has variance ``2 (||A||_F^2 - sum_i A_ii^2) / N``.
 
 Hutch++ (Meyer, Musco, Musco & Woodruff 2021) spends ``s = m // 3`` matvecs on a sketch
-``A S`` (``S`` Rademacher, ``n x s``), takes ``Q = qr(A S)`` (``n x s``, orthonormal), computes
+``A S`` (``S`` Rademacher, ``n x s``), takes ``Q`` an orthonormal basis of its range (``n x s``,
+here by Gram-Schmidt as each column arrives), computes
 ``tr(Q^T A Q)`` exactly with ``s`` more matvecs, and estimates the trace of the deflated
 remainder ``(I - Q Q^T) A (I - Q Q^T)`` by Hutchinson with the remaining ``g = m - 2s``
 probes. Since ``tr(A) = tr(Q^T A Q) + tr((I - QQ^T) A (I - QQ^T))``, the estimate is
@@ -15,15 +16,16 @@ Hutchinson's.
 
 from __future__ import annotations
 
-from functools import partial
+import operator
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from hessspec.lanczos import DEFAULT_SEED, _check_finite, _device_of
-from hessspec.linop import LinearOperator, as_operator, solver_dtype
+from hessspec.krylov import KrylovRunner, basis_rows, check_finite, default_key
+from hessspec.linop import LinearOperator, as_operator
+from hessspec.linop import basis_dtype as resolve_basis_dtype
+from hessspec.memory import check_call
 
 __all__ = ["TraceEstimate", "trace"]
 
@@ -44,55 +46,26 @@ class TraceEstimate(NamedTuple):
     num_matvecs: int
 
 
-def _matmat(apply, operand, rows, op_dtype, batch_size):
-    """``A x_i`` for every row ``x_i`` of ``rows`` (``(b, n)``), in the rows' dtype."""
-
-    def mv(x):
-        return apply(x.astype(op_dtype), operand).astype(rows.dtype)
-
-    if batch_size is None:
-        return jax.vmap(mv)(rows)
-    return jax.lax.map(mv, rows, batch_size=batch_size)
-
-
-@partial(
-    jax.jit,
-    static_argnames=("apply", "dim", "num_sketch", "num_probes", "op_dtype", "batch_size"),
-)
-def _estimate(apply, operand, key, dim, num_sketch, num_probes, op_dtype, batch_size):
-    """Hutch++ with ``num_sketch`` sketch columns (0: plain Hutchinson); returns
-    ``(exact_part, samples (num_probes,))``."""
-    sdt = solver_dtype(op_dtype)
-    key_s, key_g = jax.random.split(key)
-    probes = jax.random.rademacher(key_g, (num_probes, dim), dtype=sdt)
-    if num_sketch == 0:
-        exact = jnp.zeros((), sdt)
-    else:
-        sketch = jax.random.rademacher(key_s, (num_sketch, dim), dtype=sdt)
-        q, _ = jnp.linalg.qr(_matmat(apply, operand, sketch, op_dtype, batch_size).T)
-        qt = q.T  # (s, n) orthonormal rows
-        exact = jnp.sum(qt * _matmat(apply, operand, qt, op_dtype, batch_size))
-        probes = probes - (probes @ q) @ qt
-    samples = jnp.sum(probes * _matmat(apply, operand, probes, op_dtype, batch_size), axis=1)
-    return exact, samples
-
-
 def trace(
     op: LinearOperator | Any,
     num_matvecs: int = 300,
     key: jax.Array | None = None,
     method: str = "hutch++",
+    *,
     dim: int | None = None,
-    batch_size: int | None = None,
+    basis_dtype: Any = None,
     check_memory: bool | float = True,
 ) -> TraceEstimate:
     """Estimate ``tr(A)`` of a symmetric operator from matvecs.
 
     ``method="hutchinson"``: ``tr ~ mean_i z_i^T A z_i`` over ``m = num_matvecs`` Rademacher
-    probes. ``method="hutch++"``: ``s = min(m // 3, dim)`` sketch matvecs, ``s`` for the exact
-    ``tr(Q^T A Q)``, and ``g = m - 2s`` Hutchinson probes ``(I - QQ^T) z`` on the remainder
+    probes. ``method="hutch++"``: ``s = min(m // 3, dim)`` sketch matvecs ``A z_i`` whose
+    orthonormalization (Gram-Schmidt, twice) gives ``Q``; ``s`` more for the exact
+    ``tr(Q^T A Q)``; and ``g = m - 2s`` Hutchinson probes ``(I - QQ^T) z`` on the remainder
     (when ``s = dim`` the remainder is 0 and the answer exact: only ``2 dim + 2`` matvecs are
-    spent and stderr is ~0).
+    spent and stderr is ~0). ``Q`` lives in the rows of :mod:`hessspec.krylov`'s basis, and
+    every matvec runs in its compiled engine: the same program as the Lanczos solvers on
+    this operator, whatever ``num_matvecs``.
 
     Args:
         op: :class:`~hessspec.linop.LinearOperator`, or a callable ``v -> A v`` with ``dim=``.
@@ -100,12 +73,10 @@ def trace(
         key: PRNG key; ``None`` uses ``jax.random.key(0)``.
         method: ``"hutch++"`` or ``"hutchinson"``.
         dim: vector length when ``op`` is a plain callable.
-        batch_size: matvecs run vmapped all together (``None``) or in ``lax.map`` chunks of
-            this size, to bound memory for large models.
-        check_memory: before starting, compare :func:`hessspec.memory.estimate_memory` of
-            this call with :func:`hessspec.memory.available_memory` and raise
-            ``MemoryError`` if it cannot fit. A number is used as the available bytes
-            instead; False skips the check.
+        basis_dtype: dtype in which ``Q`` is stored (see :func:`hessspec.top_eigenpairs`).
+        check_memory: compare :func:`hessspec.memory.estimate_memory` with the memory
+            available first and raise ``MemoryError`` if it cannot fit; a number is used as
+            the available bytes; False skips the check.
 
     Returns:
         :class:`TraceEstimate` ``(value, stderr, num_matvecs)``.
@@ -117,7 +88,7 @@ def trace(
     """
     op = as_operator(op, dim)
     n = op.dim
-    m = int(num_matvecs)
+    m = operator.index(num_matvecs)
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"trace: method={method!r} must be 'hutch++' or 'hutchinson'.")
     if method == "hutchinson":
@@ -138,30 +109,24 @@ def trace(
         num_probes = m - 2 * num_sketch
         if num_sketch == n:  # Q spans everything: the remainder is 0, 2 probes confirm it
             num_probes = 2
-    if batch_size is not None and int(batch_size) < 1:
-        raise ValueError(f"trace: batch_size={batch_size} must be a positive integer.")
-    if check_memory is not False:
-        from hessspec.memory import check_fits, estimate_memory
-
-        check_fits(
-            estimate_memory(op, num_matvecs=m, matvec_batch_size=batch_size, method=method),
-            available=None if check_memory is True else float(check_memory),
-            device=_device_of(op),
-        )
-    key = jax.random.key(DEFAULT_SEED) if key is None else key
-    exact, samples = _estimate(
-        op.apply,
-        op.operand,
-        key,
-        n,
-        num_sketch,
-        num_probes,
-        op.dtype,
-        None if batch_size is None else int(batch_size),
+    bdt = resolve_basis_dtype(op.dtype, basis_dtype)
+    check_call(check_memory, op, num_matvecs=m, method=method, basis_dtype=bdt)
+    rows = basis_rows(max(num_sketch, 1))
+    runner = KrylovRunner(op, rows, basis_dtype=bdt, host=False, key=default_key(key))
+    exact = 0.0
+    if num_sketch:
+        for i in range(num_sketch):
+            runner.store_range(i, runner.rademacher())
+        quad, _ = runner.row_stats(0, num_sketch, np.zeros(num_sketch))
+        check_finite(quad)
+        exact = float(np.sum(quad))
+    samples = np.array(
+        [
+            runner.quadratic_form(runner.rademacher(), project_rows=num_sketch)
+            for _ in range(num_probes)
+        ]
     )
-    exact = float(exact)
-    samples = np.asarray(samples, dtype=np.float64)
-    _check_finite(exact, samples)
+    check_finite(samples)
     return TraceEstimate(
         value=exact + float(np.mean(samples)),
         stderr=float(np.std(samples, ddof=1) / np.sqrt(samples.size)),

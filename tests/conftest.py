@@ -1,4 +1,8 @@
-"""Strict test set-up: float64 everywhere, fixed keys, warnings from hessspec are errors."""
+"""Strict test set-up: float64 everywhere, fixed keys, warnings from hessspec are errors.
+
+Compiled programs go to the persistent compilation cache in the user's cache folder
+(``~/.cache/hessspec/jax``; ``HESSSPEC_COMPILATION_CACHE=off`` switches it off, a path moves
+it), so a second run of the suite loads instead of compiling."""
 
 import os
 
@@ -7,6 +11,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+from hessspec.compilation_cache import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -131,23 +131,6 @@ def test_gradient_descent_count_matches_the_worst_case_bound_exactly():
     assert short["steps"] is None and len(short["error_ratio"]) == 11
 
 
-def test_operator_cache_shares_compiled_apply_and_stays_exact(rng):
-    """Operators of equal loss structure share ``apply``; each keeps its own operand."""
-    x1, x2 = rng.standard_normal((30, 6)), 1.0 + rng.standard_normal((30, 6))
-
-    def make_loss():  # a fresh closure each time, as make_objective gives
-        return lambda w, batch: 0.5 * jnp.mean((batch["x"] @ w) ** 2)
-
-    cache = ib.OperatorCache()
-    w = jnp.zeros(6)
-    op1 = cache.hessian("lin", make_loss(), w, {"x": x1})
-    op2 = cache.hessian("lin", make_loss(), w, {"x": x2})
-    op3 = cache.hessian(None, make_loss(), w, {"x": x2})
-    assert op2.apply is op1.apply and op3.apply is not op1.apply
-    np.testing.assert_allclose(op1.to_dense(), x1.T @ x1 / 30, rtol=1e-12)
-    np.testing.assert_allclose(op2.to_dense(), x2.T @ x2 / 30, rtol=1e-12)
-
-
 def test_study_output_never_clobbers(tmp_path):
     (tmp_path / "report.md").write_text("someone else's")
     out = ib.StudyOutput(tmp_path)

@@ -7,6 +7,7 @@ import pytest
 from reference import matrix_with_spectrum
 
 import hessspec as hs
+from hessspec import lanczos
 from hessspec.lanczos import breakdown_tolerance, default_tolerance
 
 N = 200
@@ -92,7 +93,7 @@ def test_exact_multiplicity_is_found():
 def test_breakdown_three_distinct_eigenvalues():
     a, _, q = matrix_with_spectrum(np.repeat([3.0, 1.0, -2.0], [70, 65, 65]), seed=4)
     op = dense_op(a)
-    lz = hs.lanczos_tridiag(op.apply, op.operand, jnp.ones(N), M, op.dtype)
+    lz = hs.lanczos_tridiag(op, jnp.ones(N), M)
     assert int(lz.num_steps_done) == 3
     for arr in lz:
         assert np.all(np.isfinite(np.asarray(arr)))
@@ -119,13 +120,13 @@ def test_start_vector_in_invariant_subspace():
     a, ev, q = matrix_with_spectrum(outliers_and_bulk(5), seed=5)
     op = dense_op(a)
     v0 = q[:, 0] + 2.0 * q[:, -1]
-    lz = hs.lanczos_tridiag(op.apply, op.operand, v0, M, op.dtype)
+    lz = hs.lanczos_tridiag(op, v0, M)
     assert int(lz.num_steps_done) == 2
     t = np.array([[lz.alphas[0], lz.betas[0]], [lz.betas[0], lz.alphas[1]]])
     np.testing.assert_allclose(np.linalg.eigvalsh(t), [ev[0], ev[-1]], atol=1e-12)
     assert np.all(np.isfinite(np.asarray(lz.basis)))
     # a zero start vector: nothing to do, no NaN
-    lz0 = hs.lanczos_tridiag(op.apply, op.operand, np.zeros(N), M, op.dtype)
+    lz0 = hs.lanczos_tridiag(op, np.zeros(N), M)
     assert int(lz0.num_steps_done) == 0 and np.all(np.asarray(lz0.alphas) == 0)
 
 
@@ -133,7 +134,7 @@ def test_full_space_and_tiny_dims():
     for n in (1, 6):
         a, ev, q = matrix_with_spectrum(np.linspace(-3.0, 4.0, n), seed=n)
         op = dense_op(a)
-        lz = hs.lanczos_tridiag(op.apply, op.operand, np.ones(n), n, op.dtype)
+        lz = hs.lanczos_tridiag(op, np.ones(n), n)
         d = int(lz.num_steps_done)
         t = np.diag(lz.alphas[:d]) + np.diag(lz.betas[: d - 1], 1) + np.diag(lz.betas[: d - 1], -1)
         np.testing.assert_allclose(np.linalg.eigvalsh(t), ev, atol=1e-12)
@@ -153,7 +154,7 @@ def test_float32_operator_runs_lanczos_in_float64():
     op = hs.LinearOperator(
         apply=apply32, operand=jnp.asarray(a, jnp.float32), dim=N, dtype=np.float32
     )
-    lz = hs.lanczos_tridiag(op.apply, op.operand, np.ones(N, np.float32), 10, op.dtype)
+    lz = hs.lanczos_tridiag(op, np.ones(N, np.float32), 10)
     assert lz.basis.dtype == jnp.float64 and lz.alphas.dtype == jnp.float64
     basis = np.asarray(lz.basis)
     np.testing.assert_allclose(basis @ basis.T, np.eye(10), atol=1e-14)  # float64-orthonormal
@@ -195,9 +196,9 @@ def test_top_eigenpairs_errors(kwargs, match):
 def test_lanczos_tridiag_errors():
     op = dense_op(np.eye(4))
     with pytest.raises(ValueError, match="num_steps <= dim"):
-        hs.lanczos_tridiag(op.apply, op.operand, np.ones(4), 5, op.dtype)
+        hs.lanczos_tridiag(op, np.ones(4), 5)
     with pytest.raises(ValueError, match="flat vector"):
-        hs.lanczos_tridiag(op.apply, op.operand, np.ones((4, 1)), 2, op.dtype)
+        hs.lanczos_tridiag(op, np.ones((4, 1)), 2)
 
 
 def test_nan_matvec_raises():
@@ -229,8 +230,8 @@ def test_plain_callable_reproducible_and_no_recompilation():
     assert len(traces) == count, "a second call on the same operator recompiled"
     np.testing.assert_array_equal(first.values, again.values)  # key=None is a fixed key
     np.testing.assert_allclose(other.values, ev[::-1][:5], rtol=1e-10)
-    # plain callable with dim= and chunked residual matvecs
-    direct = hs.top_eigenpairs(matvec, 5, num_steps=M, dim=N, matvec_batch_size=2)
+    # plain callable with dim=
+    direct = hs.top_eigenpairs(matvec, 5, num_steps=M, dim=N)
     np.testing.assert_allclose(direct.values, first.values, rtol=1e-13)
     np.testing.assert_allclose(direct.residuals, first.residuals, rtol=1e-6, atol=1e-13)
 
@@ -238,17 +239,17 @@ def test_plain_callable_reproducible_and_no_recompilation():
 def test_blocked_basis_matches_one_block(monkeypatch):
     """Large bases are stored in row blocks and reorthogonalized only against the filled
     ones; force that layout on a small problem and compare with the one-block results."""
-    from hessspec import lanczos
+    from hessspec import krylov
 
     a, ev, q = matrix_with_spectrum(outliers_and_bulk(9), seed=9)
     op = dense_op(a)
     v0 = np.random.default_rng(9).normal(size=N)
-    one = hs.lanczos_tridiag(op.apply, op.operand, v0, M, op.dtype)
+    one = hs.lanczos_tridiag(op, v0, M)
     low = hs.top_eigenpairs(op, 5, num_steps=M, which="smallest")
     b, _, _ = matrix_with_spectrum(np.repeat([3.0, 1.0, -2.0], [70, 65, 65]), seed=4)
-    monkeypatch.setattr(lanczos, "BLOCKED_MIN_ELEMENTS", 0)
-    assert lanczos._num_blocks(M, N) == lanczos.NUM_BASIS_BLOCKS
-    blocked = hs.lanczos_tridiag(op.apply, op.operand, v0, M, op.dtype)
+    monkeypatch.setattr(krylov, "BLOCKED_MIN_ELEMENTS", 0)
+    assert krylov.num_blocks(krylov.basis_rows(M), N) == krylov.NUM_BASIS_BLOCKS
+    blocked = hs.lanczos_tridiag(op, v0, M)
     np.testing.assert_allclose(blocked.alphas, one.alphas, rtol=0, atol=1e-10)
     np.testing.assert_allclose(blocked.betas, one.betas, rtol=0, atol=1e-10)
     basis = np.asarray(blocked.basis)
@@ -265,39 +266,36 @@ def test_blocked_basis_matches_one_block(monkeypatch):
 
 def test_basis_in_host_memory(monkeypatch):
     """basis_memory="host": the basis (in blocks) lives in the pinned_host memory space
-    through the compiled cycles and thick restarts, and every result equals the
+    through the compiled Lanczos steps and thick restarts, and every result equals the
     device-memory run."""
-    from hessspec import lanczos
+    from hessspec import krylov
 
-    monkeypatch.setattr(lanczos, "BLOCKED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(krylov, "BLOCKED_MIN_ELEMENTS", 0)
     a, ev, q = matrix_with_spectrum(outliers_and_bulk(5), seed=5)
     op = dense_op(a)
     v0 = np.random.default_rng(5).normal(size=N)
 
-    blocks = lanczos._initial_blocks(
-        jnp.asarray(v0 / np.linalg.norm(v0)), M, np.float64, lanczos._num_blocks(M, N), True
+    runner = krylov.KrylovRunner(
+        op, krylov.basis_rows(M), basis_dtype=np.float64, host=True, key=jax.random.key(0)
     )
-    out = lanczos._extend_jit(
-        op.apply, op.operand, blocks, jnp.zeros((M, M)), 0, jnp.zeros(N), -1, op.dtype, 1e-14
-    )
-    assert {b.sharding.memory_kind for b in out[0]} == {"pinned_host"}
-    restarted, _ = lanczos._thick_restart(
-        out[0], jnp.eye(M)[:, :3], jnp.ones(3), out[2], out[3], jnp.zeros(3), False, jnp.ones(N)
-    )
-    assert {b.sharding.memory_kind for b in restarted} == {"pinned_host"}
+    assert runner.state.basis.sharding.memory_kind == "pinned_host"
+    runner.lanczos(0, M, stop_at_breakdown=False, start=v0)
+    assert runner.state.basis.sharding.memory_kind == "pinned_host"
+    runner.restart(np.eye(M)[:, :3], np.ones(3), 3)
+    assert runner.state.basis.sharding.memory_kind == "pinned_host"
 
     dev = hs.top_eigenpairs(op, 5, num_steps=M)
     host = hs.top_eigenpairs(op, 5, num_steps=M, basis_memory="host")
     assert_pairs_match(host, a, ev[::-1][:5], q[:, ::-1][:, :5])
     np.testing.assert_allclose(host.values, dev.values, rtol=1e-13)
     assert host.num_matvecs == dev.num_matvecs
-    tri_dev = hs.lanczos_tridiag(op.apply, op.operand, v0, M, op.dtype)
-    tri_host = hs.lanczos_tridiag(op.apply, op.operand, v0, M, op.dtype, basis_memory="host")
+    tri_dev = hs.lanczos_tridiag(op, v0, M)
+    tri_host = hs.lanczos_tridiag(op, v0, M, basis_memory="host")
     assert isinstance(tri_host.basis, np.ndarray)
     np.testing.assert_allclose(tri_host.basis, tri_dev.basis, rtol=0, atol=1e-14)
     np.testing.assert_allclose(tri_host.alphas, tri_dev.alphas, rtol=0, atol=1e-12)
-    sd_dev = hs.spectral_density(op, 3, M, probe_batch_size=2)
-    sd_host = hs.spectral_density(op, 3, M, probe_batch_size=2, basis_memory="host")
+    sd_dev = hs.spectral_density(op, 3, M)
+    sd_host = hs.spectral_density(op, 3, M, basis_memory="host")
     np.testing.assert_allclose(sd_host.nodes, sd_dev.nodes, rtol=0, atol=1e-12)
 
 
@@ -307,3 +305,63 @@ def test_bad_basis_memory():
         hs.top_eigenpairs(op, 1, basis_memory="gpu")
     with pytest.raises(ValueError, match="basis_memory"):
         hs.spectral_density(op, 1, 2, basis_memory="disk")
+
+
+def test_per_pair_convergence_on_a_clustered_indefinite_spectrum():
+    """Top 10 eigenvalues clustered in [1, 1.05] over a bulk in [-1, 0.99] and one at -155,
+    float32 matvecs. Judged relative to ||A|| (155) the cluster looked converged at 13 %
+    error; judged pair by pair (residual <= tol |theta|, floored at a few eps ||A||) every
+    pair is refined, and every returned error bound holds."""
+    rng = np.random.default_rng(0)
+    spec = np.concatenate([rng.uniform(1.0, 1.05, 10), rng.uniform(-1.0, 0.99, 589), [-155.0]])
+    a, ev, q = matrix_with_spectrum(spec, seed=0)
+    op = hs.LinearOperator(
+        apply=_dense_apply, operand=jnp.asarray(a, jnp.float32), dim=600, dtype=np.float32
+    )
+    res = hs.top_eigenpairs(op, 10)
+    ref = ev[::-1][:10]
+    assert np.all(res.converged)
+    floor = lanczos.RESIDUAL_FLOOR * np.finfo(np.float32).eps * 155.0
+    assert np.all(res.residuals <= np.maximum(1e-3 * np.abs(res.values), floor))
+    np.testing.assert_allclose(res.values, ref, rtol=1e-4)
+    assert np.all(np.abs(res.values - ref) <= res.error_bounds + 1e-6)  # float32 rounding
+    assert np.all(res.error_bounds <= res.residuals)
+    overlaps = np.abs(np.sum(res.vectors * q[:, ::-1][:, :10].T, axis=1))
+    assert np.all(overlaps >= 0.99)
+
+
+def test_unconverged_pairs_are_named_with_error_bounds():
+    """A budget too small for the cluster: the warning names each unconverged pair with its
+    residual and error bound, and the bounds hold."""
+    rng = np.random.default_rng(1)
+    spec = np.concatenate([rng.uniform(1.0, 1.01, 5), rng.uniform(-1.0, 0.999, 194), [-50.0]])
+    a, ev, _ = matrix_with_spectrum(spec, seed=1)
+    with pytest.warns(hs.LanczosConvergenceWarning, match=r"error bound \d"):
+        res = hs.top_eigenpairs(dense_op(a), 5, num_steps=12, max_restarts=1, verify=False)
+    assert not np.all(res.converged)
+    bad = ~res.converged
+    nearest = np.min(np.abs(ev[None, :] - res.values[:, None]), axis=1)
+    assert np.all(nearest[bad] <= res.error_bounds[bad] * (1 + 1e-9))
+
+
+def test_dgks_reorthogonalizes_when_a_pass_cancels():
+    """A vector almost entirely inside the basis: one classical Gram-Schmidt pass leaves
+    rounding-level components along the basis (~1e-8 of what is left); the DGKS criterion
+    (a pass that shrinks the vector below 0.7 of its norm is repeated) removes them."""
+    from hessspec import krylov
+
+    rng = np.random.default_rng(11)
+    n = 500
+    basis_rows, _ = np.linalg.qr(rng.standard_normal((n, 4)))
+    stored = np.zeros((1, 8, n))
+    stored[0, :4] = basis_rows.T
+    leftover = rng.standard_normal(n)
+    leftover -= basis_rows @ (basis_rows.T @ leftover)
+    leftover /= np.linalg.norm(leftover)
+    w = jnp.asarray(1e8 * basis_rows @ rng.standard_normal(4) + leftover)
+    once, _ = krylov._gs_pass(jnp.asarray(stored), w, 1)
+    twice, _ = krylov._orthogonalize(jnp.asarray(stored), w, 1, 1)
+    err_once = np.abs(basis_rows.T @ np.asarray(once)).max() / np.linalg.norm(once)
+    err_dgks = np.abs(basis_rows.T @ np.asarray(twice)).max() / np.linalg.norm(twice)
+    assert err_once > 1e-10 and err_dgks < 1e-14
+    np.testing.assert_allclose(np.asarray(twice), leftover, atol=1e-7)

@@ -7,8 +7,7 @@ import pytest
 from reference import matrix_with_spectrum
 
 import hessspec as hs
-from hessspec import memory
-from hessspec.lanczos import _initial_blocks, _num_blocks
+from hessspec import krylov, memory
 
 N = 200
 M = 30
@@ -33,32 +32,36 @@ def test_estimates_equal_the_arrays_allocated(basis_dtype):
     a, _, _ = matrix_with_spectrum(spectrum())
     op = dense_op(a)
     itemsize = 8 if basis_dtype is None else 4
-    # lanczos_tridiag: the basis it returns
+    rows = krylov.basis_rows(M)
+    # lanczos_tridiag: the engine's basis, and the basis it returns on the host
     est = memory.estimate_memory(op, num_steps=M, basis_dtype=basis_dtype)
-    lz = hs.lanczos_tridiag(op.apply, op.operand, np.ones(N), M, op.dtype, basis_dtype=basis_dtype)
+    lz = hs.lanczos_tridiag(op, np.ones(N), M, basis_dtype=basis_dtype)
     assert est.solver == "lanczos_tridiag"
-    assert est.basis == lz.basis.nbytes == M * N * itemsize
+    assert est.basis == rows * N * itemsize
+    assert est.probes >= lz.basis.nbytes
     assert est.operator == op.operand.nbytes == N * N * 8
-    # top_eigenpairs: the blocked basis it allocates, for a size that is split into blocks
+    # top_eigenpairs: the blocked basis the engine allocates, and a restart's copy of it
     big_n = 10_000
-    est = memory.estimate_memory(big_n, num_steps=60, k=20, basis_dtype=basis_dtype)
-    blocks = _initial_blocks(
-        jnp.ones(big_n), 60, np.dtype(est_dtype(basis_dtype)), _num_blocks(60, big_n)
+    est = memory.estimate_memory(big_n, k=20, basis_dtype=basis_dtype)
+    runner = krylov.KrylovRunner(
+        dense_op(np.eye(4)),
+        krylov.basis_rows(60),
+        basis_dtype=est_dtype(basis_dtype),
+        host=False,
+        key=jax.random.key(0),
     )
-    assert len(blocks) > 1
-    assert est.basis == sum(b.nbytes for b in blocks)
+    assert runner.state.basis.nbytes == rows * 4 * itemsize  # the same rows for k = 20
+    assert krylov.num_blocks(rows, big_n) > 1
+    assert est.basis == est.workspace == rows * big_n * itemsize
     assert est.operator == est.hvp == 0  # a bare dimension: solver arrays only
-    # spectral_density: the probes it draws, P_b bases at once
-    est = memory.estimate_memory(
-        op, num_steps=M, num_probes=10, probe_batch_size=4, basis_dtype=basis_dtype
-    )
-    probes = jax.random.rademacher(jax.random.key(0), (10, N), dtype=jnp.float64)
-    assert est.probes == probes.nbytes
-    assert est.basis == 4 * M * N * itemsize
-    # trace (Hutch++ with 150 matvecs: 50 sketch, 50 for Q, 50 probes)
+    # spectral_density: one basis, whatever the number of probes
+    few = memory.estimate_memory(op, num_steps=M, num_probes=2, basis_dtype=basis_dtype)
+    many = memory.estimate_memory(op, num_steps=M, num_probes=50, basis_dtype=basis_dtype)
+    assert few == many and few.basis == rows * N * itemsize and few.workspace == 0
+    # trace: Hutch++ keeps its 50 sketch vectors in the basis; more need a larger basis
     est = memory.estimate_memory(op, num_matvecs=150)
-    assert est.solver == "trace" and est.basis == 0
-    assert est.probes == (50 + 2 * 50) * N * 8
+    assert est.solver == "trace" and est.basis == rows * N * 8
+    assert memory.estimate_memory(op, num_matvecs=600).basis == 2 * rows * N * 8
     total = est.basis + est.probes + est.operator + est.hvp + est.workspace
     assert est.total == total
 
@@ -101,12 +104,12 @@ def test_memory_error_before_starting_names_the_options():
     with pytest.raises(MemoryError, match=r"needs about .* but only 1 KiB is available") as err:
         hs.top_eigenpairs(op, 5, num_steps=M, check_memory=1024)
     message = str(err.value)
-    assert 'basis_dtype="float32"' in message and "num_steps" in message
+    assert 'basis_dtype="float32"' in message
     assert "check_memory=False" in message
     estimated_traces = len(traces)  # the estimate traces the matvec; the solver never did
-    with pytest.raises(MemoryError, match=r"probe_batch_size=\d+ \(now 10 probes at once\)"):
+    with pytest.raises(MemoryError, match='basis_dtype="float32"'):
         hs.spectral_density(op, num_probes=10, num_steps=M, check_memory=1024)
-    with pytest.raises(MemoryError, match="batch_size=1 for the trace"):
+    with pytest.raises(MemoryError, match="smaller batch_size for the operator"):
         hs.trace(op, num_matvecs=30, check_memory=1024)
     assert len(traces) <= estimated_traces + 2  # only the estimates' traces
     # enough memory: runs; check_memory=False skips the check
@@ -137,17 +140,17 @@ def test_available_memory_and_summary():
 
     assert memory.available_memory(FakeGPU()) == 79 * 2**30
     assert memory.available_memory(NoStats()) > 0  # falls back to host RAM
-    est = memory.estimate_memory(10**6, num_steps=90, num_probes=10, probe_batch_size=2)
+    est = memory.estimate_memory(10**6, num_steps=90, num_probes=10)
     line = memory.summarize([est, memory.estimate_memory(10**6, k=20)], available=2**34)
     assert line.startswith("this run needs about ") and "16 GiB available" in line
-    assert "peak in spectral_density" in line
+    assert "peak in top_eigenpairs" in line  # the basis and a restart's copy of it
     assert memory.format_bytes(3 * 2**30) == "3 GiB" and memory.format_bytes(512) == "512 B"
 
 
 def test_float32_basis_keeps_eigenvalues_accurate():
     a, ev, q = matrix_with_spectrum(spectrum(3), seed=3)
     op = dense_op(a)
-    lz = hs.lanczos_tridiag(op.apply, op.operand, np.ones(N), M, op.dtype, basis_dtype="float32")
+    lz = hs.lanczos_tridiag(op, np.ones(N), M, basis_dtype="float32")
     assert lz.basis.dtype == jnp.float32 and lz.alphas.dtype == jnp.float64
     basis = np.asarray(lz.basis, np.float64)
     np.testing.assert_allclose(basis @ basis.T, np.eye(M), atol=1e-6)

@@ -199,3 +199,44 @@ def test_non_finite_inputs_are_rejected(key, where, value):
         data["x"] = data["x"].at[3, 1].set(value)
     with pytest.raises(ValueError, match="NaN/Inf"):
         hs.hessian_operator(_loss, params, data)
+
+
+def test_a_failing_loss_keeps_its_own_exception_with_a_note(key):
+    """Python control flow on a traced value: the user sees JAX's own error (its type and
+    message intact) with a note saying where hessspec called the loss."""
+    params = _mlp_params(key)
+
+    def branching_loss(p, batch):
+        out = _mlp_logits(p, batch["x"])
+        if out.sum() > 0:  # not allowed under tracing
+            return jnp.mean(out**2)
+        return jnp.mean(out)
+
+    data = {"x": jax.random.normal(key, (8, 5))}
+    with pytest.raises(jax.errors.TracerBoolConversionError) as err:
+        hs.hessian_operator(branching_loss, params, data)
+    notes = "".join(getattr(err.value, "__notes__", []))
+    assert "loss_fn(params, batch)" in notes and "jnp.where or lax.cond" in notes
+
+
+def test_non_array_parameters_are_named_with_the_fix(key):
+    """An equinox-style model passed whole (arrays plus an activation function): the leaf is
+    named and the fix (eqx.partition) given, instead of a failure inside ravel_pytree."""
+    params = {"layers": _mlp_params(key), "activation": jax.nn.relu}
+    data = {"x": jnp.ones((4, 5))}
+    with pytest.raises(TypeError, match=r"\['activation'\] \(.*eqx\.partition") as err:
+        hs.hessian_operator(lambda p, b: jnp.mean(b["x"]), params, data)
+    assert "pytree of arrays" in str(err.value)
+
+
+def test_count_params_counts_any_pytree(key):
+    """Plain dicts (linen/haiku style), nested lists, arrays and pytrees with non-array leaves
+    (counted 0), and nnx modules (their nnx.Param entries)."""
+    params = _mlp_params(key)  # 5*4 + 4 + 4*3 + 3
+    assert hs.count_params(params) == 39
+    assert hs.count_params({"params": params, "fn": jnp.tanh}) == 39
+    assert hs.count_params(jnp.ones((3, 7))) == 21
+    from flax import nnx
+
+    model = hs.MLP(5, (4,), 3, rngs=nnx.Rngs(0))
+    assert hs.count_params(model) == 39

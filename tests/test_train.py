@@ -125,8 +125,9 @@ def test_resolve_settings_and_density_grid():
 
 @pytest.mark.parametrize("mode", [None, "train", "population"])
 def test_analyzer_reuses_programs_with_new_params_and_statistics(digits, mode):
-    """The analyzer's operator at a later checkpoint (the first checkpoint's compiled
-    ``apply`` with new parameters and BN statistics as data) is the Hessian of that
+    """The analyzer's operator at a later checkpoint (an ``apply`` equal to the first
+    checkpoint's, so compiled programs are reused, with new parameters and BN statistics as
+    operand leaves) is the Hessian of that
     checkpoint's objective over batches of 16 (40 examples: two full batches and a ragged
     one; in train mode each with its own statistics), and its gradient and metrics are
     that objective's."""
@@ -146,7 +147,8 @@ def test_analyzer_reuses_programs_with_new_params_and_statistics(digits, mode):
     train(model, digits.x, digits.y, CFG, seed=0, progress=False)
     later = make_objective(model, bn_mode=mode, **pop)
     op = az.operator(later)
-    assert op.apply is op_first.apply
+    assert op.apply == op_first.apply and hash(op.apply) == hash(op_first.apply)
+    assert jax.tree.structure(op) == jax.tree.structure(op_first)
     ref = hessian_operator(later.loss_fn, later.params, analysis.batch, batch_size=16)
     v = jax.random.normal(jax.random.key(1), (op.dim,), op.dtype)
     np.testing.assert_allclose(op.matvec(v), ref.matvec(v), rtol=1e-5, atol=1e-6)
