@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -41,6 +40,7 @@ __all__ = [
     "example_mesh",
     "dataset_gradient",
     "flat_layout",
+    "path_name",
     "ggn_operator",
     "hessian_operator",
 ]
@@ -168,63 +168,139 @@ def _is_array(leaf: Any) -> bool:
     )
 
 
+def path_name(path) -> str:
+    """``"layers/0/w"`` for a JAX key path (dict keys, sequence indices, attributes)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
 @dataclasses.dataclass(frozen=True)
 class FlatLayout:
-    """How a parameter pytree maps to one flat vector (``ravel_pytree`` order): static and
-    hashable by value, so operators of the same parameter structure share compiled programs.
+    """How a parameter pytree maps to one flat vector (``ravel_pytree`` order), or the
+    selected leaves of it (a block): static and hashable by value, so operators of the same
+    parameter structure and block share compiled programs.
 
     Attributes:
-        treedef: the pytree structure.
+        treedef: the parameters' pytree structure.
         shapes: each leaf's shape.
         dtypes: each leaf's dtype (``unravel`` casts back to them).
-        dtype: the flat vector's dtype (the leaves' common floating dtype).
+        dtype: the flat vector's dtype (the selected leaves' common floating dtype).
+        selected: per leaf, whether it is in the flat vector (all True without ``wrt``).
+        paths: per leaf, its path as ``"layers/0/w"``.
     """
 
     treedef: Any
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[np.dtype, ...]
     dtype: np.dtype
+    selected: tuple[bool, ...]
+    paths: tuple[str, ...]
 
     @property
     def size(self) -> int:
-        return int(sum(math.prod(s) for s in self.shapes))
+        return int(
+            sum(math.prod(s) for s, keep in zip(self.shapes, self.selected, strict=True) if keep)
+        )
+
+    @property
+    def is_block(self) -> bool:
+        return not all(self.selected)
+
+    def _chosen(self, leaves):
+        return [x for x, keep in zip(leaves, self.selected, strict=True) if keep]
 
     def ravel(self, tree: Any) -> jax.Array:
-        """The flat ``(size,)`` vector of a pytree shaped like the parameters."""
+        """The flat ``(size,)`` vector of a pytree shaped like the parameters (for a block:
+        of its selected leaves), or of a block pytree as :meth:`unravel` returns."""
         leaves, treedef = jax.tree_util.tree_flatten(tree)
-        if treedef != self.treedef or tuple(np.shape(x) for x in leaves) != self.shapes:
+        chosen_shapes = tuple(self._chosen(self.shapes))
+        if treedef == self.treedef and tuple(np.shape(x) for x in leaves) == self.shapes:
+            leaves = self._chosen(leaves)
+        elif tuple(np.shape(x) for x in leaves) != chosen_shapes:
             size = sum(int(np.size(x)) for x in leaves)
             raise ValueError(
                 f"ravel: the pytree ({size} entries, structure {treedef}) is not shaped like "
-                f"the parameters ({self.size} entries, structure {self.treedef}); pass a "
-                "pytree shaped like params."
+                f"the parameters ({self.treedef}) or their block ({self.size} entries); pass "
+                "a pytree shaped like params."
             )
         if not leaves:
             return jnp.zeros((0,), self.dtype)
         return jnp.concatenate([jnp.ravel(jnp.asarray(x)).astype(self.dtype) for x in leaves])
 
-    def unravel(self, flat: jax.Array) -> Any:
-        """The pytree shaped like the parameters of a flat ``(size,)`` vector."""
+    def _split(self, flat: jax.Array) -> list:
         flat = jnp.asarray(flat)
         if flat.shape != (self.size,):
             raise ValueError(
                 f"unravel: expected a flat vector of shape ({self.size},), got {flat.shape}."
             )
         leaves, offset = [], 0
-        for shape, dtype in zip(self.shapes, self.dtypes, strict=True):
+        for shape, dtype, keep in zip(self.shapes, self.dtypes, self.selected, strict=True):
+            if not keep:
+                leaves.append(None)
+                continue
             size = math.prod(shape)
             leaves.append(flat[offset : offset + size].reshape(shape).astype(dtype))
             offset += size
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return leaves
+
+    def unravel(self, flat: jax.Array) -> Any:
+        """The pytree of a flat ``(size,)`` vector: shaped like the parameters, with None in
+        place of the leaves outside a block."""
+        return jax.tree_util.tree_unflatten(self.treedef, self._split(flat))
+
+    def combine(self, flat: jax.Array, fixed: list) -> Any:
+        """The full parameter pytree: the selected leaves from ``flat``, the others from
+        ``fixed`` (their values, in leaf order)."""
+        leaves = self._split(flat)
+        rest = iter(fixed)
+        return jax.tree_util.tree_unflatten(
+            self.treedef, [next(rest) if x is None else x for x in leaves]
+        )
 
 
-def flat_layout(params: Any) -> FlatLayout:
-    """The :class:`FlatLayout` of a parameter pytree.
+def _selection(params: Any, wrt: Any, paths: list[str]) -> tuple[bool, ...]:
+    """Per leaf of ``params``, whether ``wrt`` selects it (see :func:`hessian_operator`)."""
+    n = len(paths)
+    if wrt is None:
+        return (True,) * n
+    if callable(wrt):
+        chosen = tuple(bool(wrt(path)) for path in paths)
+    else:
+        try:
+            full = jax.tree_util.tree_map(
+                lambda m, sub: jax.tree_util.tree_map(lambda _: bool(m), sub), wrt, params
+            )
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                "wrt must be a pytree of bools shaped like params or a prefix of it (optax's "
+                "mask convention), or a predicate on parameter paths such as "
+                f"lambda path: path.startswith('layers/0'); got {type(wrt).__name__} ({err})."
+            ) from None
+        chosen = tuple(bool(x) for x in jax.tree_util.tree_leaves(full))
+    if not any(chosen):
+        raise ValueError(
+            f"wrt selects no parameter; the parameter paths are {', '.join(paths[:12])}"
+            + (" ..." if n > 12 else "")
+            + "."
+        )
+    return chosen
+
+
+def flat_layout(params: Any, wrt: Any = None) -> FlatLayout:
+    """The :class:`FlatLayout` of a parameter pytree (of the block ``wrt`` selects).
 
     Raises:
         TypeError: a leaf that is not an array (e.g. a function inside an equinox module),
             named by its path, with the fix.
-        ValueError: no entries, or leaves that are not floating point.
+        ValueError: no entries, leaves that are not floating point, or a ``wrt`` that does
+            not fit ``params`` or selects nothing.
     """
     with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
     bad = [(path, leaf) for path, leaf in with_path if not _is_array(leaf)]
@@ -243,22 +319,27 @@ def flat_layout(params: Any) -> FlatLayout:
     leaves = [leaf for _, leaf in with_path]
     if not leaves or sum(int(np.size(x)) for x in leaves) == 0:
         raise ValueError("params has no entries: nothing to differentiate.")
+    paths = [path_name(path) for path, _ in with_path]
+    selected = _selection(params, wrt, paths)
     dtypes = tuple(np.dtype(jnp.result_type(x)) for x in leaves)
     ints = [
-        jax.tree_util.keystr(path) or "(root)"
-        for (path, _), dt in zip(with_path, dtypes, strict=True)
-        if not jnp.issubdtype(dt, jnp.floating)
+        name
+        for name, dt, keep in zip(paths, dtypes, selected, strict=True)
+        if keep and not jnp.issubdtype(dt, jnp.floating)
     ]
     if ints:
         raise ValueError(
-            f"params must be floating point; leaves {', '.join(ints[:5])} are not (dtype "
-            f"{dtypes[0]}...). Keep integer state out of the differentiated parameters."
+            f"params must be floating point; leaves {', '.join(ints[:5])} are not. Keep "
+            "integer state out of the differentiated parameters (or out of wrt)."
         )
+    chosen = [dt for dt, keep in zip(dtypes, selected, strict=True) if keep]
     return FlatLayout(
         treedef=treedef,
         shapes=tuple(tuple(int(d) for d in np.shape(x)) for x in leaves),
         dtypes=dtypes,
-        dtype=np.dtype(jnp.result_type(*dtypes)),
+        dtype=np.dtype(jnp.result_type(*chosen)),
+        selected=selected,
+        paths=tuple(paths),
     )
 
 
@@ -315,6 +396,7 @@ def _check_scalar_loss(loss_fn: Callable, params: Any, batch: Any, name: str) ->
 
 class _Prepared(NamedTuple):
     flat_params: jax.Array
+    fixed: list  # the parameter leaves outside the block (on the devices)
     layout: FlatLayout
     batches: BatchLayout
     full_batches: Any
@@ -323,23 +405,31 @@ class _Prepared(NamedTuple):
     platform: str
 
 
-def _prepare(params: Any, data: Any, batch_size: int | None, devices: Any) -> _Prepared:
-    layout = flat_layout(params)
+def _prepare(
+    params: Any, data: Any, batch_size: int | None, devices: Any, wrt: Any = None
+) -> _Prepared:
+    layout = flat_layout(params, wrt)
     _check_finite(params, "parameters")
     _check_finite(data, "data")
     batches = batch_layout(data, batch_size)
     mesh = example_mesh(devices)
     full_batches, remainder = _split_batches(data, batches, mesh)
+    leaves = jax.tree_util.tree_leaves(params)
     flat = np.concatenate(
-        [np.ravel(np.asarray(x)).astype(layout.dtype) for x in jax.tree_util.tree_leaves(params)]
+        [np.ravel(np.asarray(x)).astype(layout.dtype) for x in layout._chosen(leaves)]
     )
     flat_params = _place(flat, mesh, None)
+    fixed = [
+        _place(np.asarray(x), mesh, None)
+        for x, keep in zip(leaves, layout.selected, strict=True)
+        if not keep
+    ]
     if batches.num_full_batches:
         first = jax.tree_util.tree_map(lambda a: a[0], full_batches)
     else:
         first = remainder
     platform = next(iter(flat_params.devices())).platform
-    return _Prepared(flat_params, layout, batches, full_batches, remainder, first, platform)
+    return _Prepared(flat_params, fixed, layout, batches, full_batches, remainder, first, platform)
 
 
 def _batch_weighted_sum(
@@ -382,7 +472,7 @@ def _batch_weighted_sum(
 class _HessianApply:
     """``(v, operand) -> H v``, static and hashable by value: the loss function's static
     part, the parameter and batch layouts and the platform. ``operand`` is
-    ``(flat_params, loss_leaves, (full_batches, remainder))``."""
+    ``(flat_params, fixed_leaves, loss_leaves, (full_batches, remainder))``."""
 
     loss: _Callable
     layout: FlatLayout
@@ -390,14 +480,12 @@ class _HessianApply:
     platform: str
 
     def __call__(self, v, operand):
-        flat_params, loss_leaves, batches = operand
+        flat_params, fixed, loss_leaves, batches = operand
         loss_fn = self.loss.rebuild(loss_leaves)
-        unravel = self.layout.unravel
+        combine = self.layout.combine
 
         def hvp_on(batch):
-            def grad_flat(p):
-                return ravel_pytree(jax.grad(loss_fn)(unravel(p), batch))[0]
-
+            grad_flat = jax.grad(lambda p: loss_fn(combine(p, fixed), batch))
             return jax.jvp(grad_flat, (flat_params,), (v.astype(flat_params.dtype),))[1]
 
         return _batch_weighted_sum(hvp_on, batches, self.batches, self.platform)
@@ -406,7 +494,8 @@ class _HessianApply:
 @dataclasses.dataclass(frozen=True)
 class _GGNApply:
     """``(v, operand) -> G v``, static and hashable by value; ``operand`` is
-    ``(flat_params, (model_leaves, output_loss_leaves), (full_batches, remainder))``."""
+    ``(flat_params, fixed_leaves, (model_leaves, output_loss_leaves), (full_batches,
+    remainder))``."""
 
     model: _Callable
     output_loss: _Callable
@@ -415,14 +504,14 @@ class _GGNApply:
     platform: str
 
     def __call__(self, v, operand):
-        flat_params, (model_leaves, out_leaves), batches = operand
+        flat_params, fixed, (model_leaves, out_leaves), batches = operand
         model_fn = self.model.rebuild(model_leaves)
         output_loss_fn = self.output_loss.rebuild(out_leaves)
-        unravel = self.layout.unravel
+        combine = self.layout.combine
 
         def ggn_on(batch):
             def outputs(p):
-                return model_fn(unravel(p), batch)
+                return model_fn(combine(p, fixed), batch)
 
             z, jv = jax.jvp(outputs, (flat_params,), (v.astype(flat_params.dtype),))
             grad_out = jax.grad(output_loss_fn)
@@ -436,6 +525,10 @@ class _GGNApply:
 def _operator(apply: Callable, operand: Any, prep: _Prepared, name: str) -> LinearOperator:
     """The :class:`LinearOperator` of ``apply`` over the prepared parameters and batches."""
     batches, layout = prep.batches, prep.layout
+    block = ""
+    if layout.is_block:
+        chosen = [p for p, keep in zip(layout.paths, layout.selected, strict=True) if keep]
+        block = f", the block of {', '.join(chosen[:6])}" + (" ..." if len(chosen) > 6 else "")
     return LinearOperator(
         apply=apply,
         operand=operand,
@@ -445,7 +538,7 @@ def _operator(apply: Callable, operand: Any, prep: _Prepared, name: str) -> Line
         unravel=layout.unravel,
         description=(
             f"{name} of the mean loss over {batches.num_examples} examples "
-            f"(batch size {batches.batch_size}, {layout.size} parameters)"
+            f"(batch size {batches.batch_size}, {layout.size} parameters{block})"
         ),
     )
 
@@ -456,6 +549,7 @@ def hessian_operator(
     data: Any,
     batch_size: int | None = None,
     *,
+    wrt: Any = None,
     devices: Any = None,
 ) -> LinearOperator:
     """The Hessian of the dataset-mean loss as a matrix-free :class:`LinearOperator`.
@@ -483,6 +577,14 @@ def hessian_operator(
             ``ravel_pytree`` order, which ``op.ravel`` / ``op.unravel`` follow.
         data: pytree of arrays whose leading axis indexes the N examples.
         batch_size: examples per batch (memory bound of one HVP); None = one batch of all N.
+        wrt: which parameters: None (all), a pytree of bools shaped like ``params`` or a
+            prefix of it (optax's mask convention: ``{"layer1": True, "layer2": False}``), or
+            a predicate on parameter paths (``lambda path: path.startswith("layer1/")``; a
+            path joins the keys with ``/``, e.g. ``"linears/0/kernel"``). The operator is
+            then the diagonal block of the Hessian for the selected leaves (the others held
+            fixed): its vectors live in that block's flat space and ``op.unravel`` gives a
+            pytree shaped like ``params`` with None outside the block; ``op.ravel`` takes
+            either that or a full params-shaped pytree (a gradient, say).
         devices: devices to run on, data parallel: each batch is sharded over a one-axis
             ``Mesh("examples")`` (where the device count divides the batch; replicated
             otherwise) and XLA inserts the cross-device reduction. None = all of
@@ -490,19 +592,24 @@ def hessian_operator(
 
     Returns:
         LinearOperator with ``matvec(v) -> H v`` for ``v`` of shape ``(dim,)``, ``dim`` =
-        number of parameters, ``dtype`` = the parameters' dtype (HVPs run in it),
-        ``ravel`` / ``unravel`` between parameter pytrees and flat vectors.
+        number of (selected) parameters, ``dtype`` = the parameters' dtype (HVPs run in
+        it), ``ravel`` / ``unravel`` between parameter pytrees and flat vectors.
 
     Raises:
         ValueError: loss not a scalar, data leaves that disagree on N, bad batch_size,
-            NaN/Inf in params or data.
+            NaN/Inf in params or data, a ``wrt`` that does not fit or selects nothing.
         TypeError: non-array leaves in params (named, with the fix).
     """
     static, loss_leaves = _split_callable(loss_fn, "loss_fn")
-    prep = _prepare(params, data, batch_size, devices)
+    prep = _prepare(params, data, batch_size, devices, wrt)
     _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
     apply = _HessianApply(static, prep.layout, prep.batches, prep.platform)
-    operand = (prep.flat_params, loss_leaves, (prep.full_batches, prep.remainder))
+    operand = (
+        prep.flat_params,
+        prep.fixed,
+        loss_leaves,
+        (prep.full_batches, prep.remainder),
+    )
     return _operator(apply, operand, prep, "Hessian")
 
 
@@ -513,6 +620,7 @@ def ggn_operator(
     data: Any,
     batch_size: int | None = None,
     *,
+    wrt: Any = None,
     devices: Any = None,
 ) -> LinearOperator:
     """The generalized Gauss-Newton ``G = sum_b (|b|/N) J_b^T H_out,b J_b`` as an operator.
@@ -528,20 +636,22 @@ def ggn_operator(
     Args:
         model_fn: ``model_fn(params, batch) -> outputs`` (any array or pytree of arrays).
         output_loss_fn: ``output_loss_fn(outputs, batch) -> scalar`` MEAN loss over the batch.
-        params, data, batch_size, devices: as in :func:`hessian_operator`.
+        params, data, batch_size, wrt, devices: as in :func:`hessian_operator` (``wrt``:
+            the diagonal block of ``G`` for the selected leaves).
 
     Returns:
         LinearOperator for ``G`` on flat parameter vectors.
     """
     model_static, model_leaves = _split_callable(model_fn, "model_fn")
     out_static, out_leaves = _split_callable(output_loss_fn, "output_loss_fn")
-    prep = _prepare(params, data, batch_size, devices)
+    prep = _prepare(params, data, batch_size, devices, wrt)
     _check_scalar_loss(
         lambda p, b: output_loss_fn(model_fn(p, b), b), params, prep.first_batch, "output_loss_fn"
     )
     apply = _GGNApply(model_static, out_static, prep.layout, prep.batches, prep.platform)
     operand = (
         prep.flat_params,
+        prep.fixed,
         (model_leaves, out_leaves),
         (prep.full_batches, prep.remainder),
     )
@@ -570,12 +680,12 @@ class _GradientFn:
     platform: str
 
     def __call__(self, operand):
-        flat_params, loss_leaves, batches = operand
+        flat_params, fixed, loss_leaves, batches = operand
         loss_fn = self.loss.rebuild(loss_leaves)
-        unravel = self.layout.unravel
+        combine = self.layout.combine
 
         def on(batch):
-            return jax.value_and_grad(lambda p: loss_fn(unravel(p), batch))(flat_params)
+            return jax.value_and_grad(lambda p: loss_fn(combine(p, fixed), batch))(flat_params)
 
         return _batch_weighted_sum(on, batches, self.batches, self.platform)
 
@@ -591,19 +701,20 @@ def dataset_gradient(
     data: Any,
     batch_size: int | None = None,
     *,
+    wrt: Any = None,
     devices: Any = None,
 ) -> DatasetGradient:
     """Loss and flat gradient of the dataset mean, batched exactly as :func:`hessian_operator`.
 
     The gradient is the one whose Hessian :func:`hessian_operator` returns for the same
-    ``batch_size``, so gradient-energy fractions use consistent objects. The compiled program
-    is shared across calls as the operators' are.
+    ``batch_size`` and ``wrt`` (the block's part of it), so gradient-energy fractions use
+    consistent objects. The compiled program is shared across calls as the operators' are.
     """
     static, loss_leaves = _split_callable(loss_fn, "loss_fn")
-    prep = _prepare(params, data, batch_size, devices)
+    prep = _prepare(params, data, batch_size, devices, wrt)
     _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
     fn = _GradientFn(static, prep.layout, prep.batches, prep.platform)
     loss, grad = _dataset_gradient(
-        fn, (prep.flat_params, loss_leaves, (prep.full_batches, prep.remainder))
+        fn, (prep.flat_params, prep.fixed, loss_leaves, (prep.full_batches, prep.remainder))
     )
     return DatasetGradient(loss, grad)

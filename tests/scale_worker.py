@@ -43,7 +43,7 @@ def compute():
         op = hs.hessian_operator(loss_fn, params, data, batch_size=batch_size)
         specs = [
             str(getattr(leaf.sharding, "spec", "single device"))
-            for leaf in jax.tree_util.tree_leaves(op.operand[2])  # the batches
+            for leaf in jax.tree_util.tree_leaves(op.operand[3])  # the batches
         ]
         eig = hs.top_eigenpairs(op, k=3, key=jax.random.key(1))
         low = hs.top_eigenpairs(op, k=1, which="smallest", key=jax.random.key(1))

@@ -94,7 +94,7 @@ def test_cnn_hvp_has_only_canonical_convolutions(key):
 
 def _raw_hvp(loss_fn, op, v, operand):
     """The operator's HVP written out plainly (jvp of grad per batch, weighted sum)."""
-    flat, _, (full, rest) = operand  # (parameters, loss leaves, batches)
+    flat, _, _, (full, rest) = operand  # (parameters, fixed leaves, loss leaves, batches)
     n = full["y"].shape[0] * full["y"].shape[1] + rest["y"].shape[0]
 
     def hvp(batch):

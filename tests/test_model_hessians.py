@@ -105,3 +105,65 @@ def test_top_eigenpairs_of_a_bn_network_match_dense(key):
     overlap = np.abs(np.asarray(top.vectors) @ evecs[:, ::-1][:, :3])
     np.testing.assert_allclose(np.diag(overlap), 1.0, atol=1e-6)
     assert np.all(top.residuals <= 1e-6 * scale)
+
+
+def _block_reference(obj, data, batch_size, mask_leaves):
+    """The rows and columns of the dense reference that belong to the selected leaves."""
+    ref = _reference(obj.loss_fn, obj.params, data, batch_size)
+    sizes = [int(np.size(a)) for a in jax.tree_util.tree_leaves(obj.params)]
+    index = np.concatenate(
+        [np.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i, m in enumerate(mask_leaves) if m]
+    )
+    return ref[np.ix_(index, index)]
+
+
+@pytest.mark.parametrize(("batchnorm", "bn_mode"), MODES, ids=lambda v: str(v))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_block_operators_are_diagonal_blocks_of_the_dense_hessian(key, name, batchnorm, bn_mode):
+    """wrt as a predicate on paths, and as a prefix mask (optax's convention): the operator is
+    the matching diagonal block of the dense float64 Hessian, ragged batches included; the
+    GGN's block is the block of the (dense-tested) full GGN; ravel/unravel map the block's
+    pytree."""
+    data = _data(key)
+    model = _model(name, batchnorm, data)
+    population = data["x"] if bn_mode == "population" else None
+    obj = make_objective(model, "cross_entropy", bn_mode=bn_mode, population_data=population)
+    top = sorted(obj.params)  # module attribute names, e.g. head / linears / norms
+    first = top[0]
+    mask = {key: key == first for key in top}  # a prefix of the params tree
+    leaves_mask = [
+        path[0].key == first for path, _ in jax.tree_util.tree_leaves_with_path(obj.params)
+    ]
+    for wrt in (mask, lambda path: path.split("/")[0] == first):
+        op = hs.hessian_operator(obj.loss_fn, obj.params, data, batch_size=4, wrt=wrt)
+        ref = _block_reference(obj, data, 4, leaves_mask)
+        assert op.dim == ref.shape[0] < sum(np.size(a) for a in jax.tree.leaves(obj.params))
+        norm = max(np.linalg.norm(ref, 2), 1e-12)
+        np.testing.assert_allclose(op.to_dense(), ref, rtol=0, atol=1e-10 * norm)
+    block = op.unravel(np.arange(op.dim, dtype=np.float64))
+    assert all(not jax.tree.leaves(v) for k, v in block.items() if k != first)
+    np.testing.assert_array_equal(op.ravel(block), np.arange(op.dim))
+    np.testing.assert_array_equal(  # a full params-shaped pytree: its block is taken
+        op.ravel(jax.tree.map(jnp.ones_like, obj.params)), np.ones(op.dim)
+    )
+    model_fn = jax.tree_util.Partial(lambda f, p, b: f(p, b["x"]), obj.logits_fn)
+    ggn = hs.ggn_operator(model_fn, obj.output_loss_fn, obj.params, data, batch_size=4)
+    ggn_block = hs.ggn_operator(
+        model_fn, obj.output_loss_fn, obj.params, data, batch_size=4, wrt=mask
+    )
+    index = np.flatnonzero(
+        np.repeat(leaves_mask, [np.size(a) for a in jax.tree.leaves(obj.params)])
+    )
+    full = ggn.to_dense()
+    np.testing.assert_allclose(
+        ggn_block.to_dense(), full[np.ix_(index, index)], rtol=0, atol=1e-12 * np.abs(full).max()
+    )
+
+
+def test_block_errors_name_the_paths(key):
+    data = _data(key)
+    obj = make_objective(_model("mlp", False, data), "cross_entropy")
+    with pytest.raises(ValueError, match="wrt selects no parameter; the parameter paths are"):
+        hs.hessian_operator(obj.loss_fn, obj.params, data, wrt=lambda path: False)
+    with pytest.raises(ValueError, match="prefix of it"):
+        hs.hessian_operator(obj.loss_fn, obj.params, data, wrt={"nope": True})
