@@ -544,6 +544,13 @@ def _parameter_dtype(params) -> str | None:
     return None if not floating else jnp.result_type(*floating).name
 
 
+def _at_least(value: jax.Array, dtype: str) -> jax.Array:
+    """A floating ``value`` promoted to at least ``dtype`` (exact); other values as given."""
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        return value
+    return value.astype(jnp.promote_types(value.dtype, dtype))
+
+
 class _CalledWithFlag(nnx.Module):
     """``model(x, **{flag_name: flag_value})`` as a one-argument model, for
     :func:`population_statistics` (which calls ``model(x)``). Holds ``model`` itself: an
@@ -573,7 +580,10 @@ def make_objective(
     Args:
         model: an nnx model mapping ``x`` ``(B, ...)`` to outputs ``(B, K)``; not mutated
             (the objective works on a copy). Floating inputs are cast to the dtype of its
-            floating parameters before every call (float64 data, float32 model: float32).
+            floating parameters before every call (float64 data, float32 model: float32),
+            and its BatchNorm statistics are kept in at least that dtype (``nnx.BatchNorm``
+            stores float32 statistics whatever its ``param_dtype``; a float64 model's become
+            float64, exactly), so that train mode computes in one dtype without warnings.
         loss: ``"cross_entropy"`` (integer labels) or ``"mse"`` (see :func:`output_loss`).
         bn_mode: for a model with BatchNorm, one of ``"train"``, ``"eval"``,
             ``"population"`` (required: no default); for a model without, None.
@@ -656,7 +666,10 @@ def make_objective(
     params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(params_state))
     stats = jax.tree.map(jnp.asarray, nnx.to_pure_dict(stats_state))
     rest = jax.tree.map(jnp.asarray, nnx.to_pure_dict(rest_state))
-    logits = _ModelLogits(graphdef, _parameter_dtype(params), flag_name, flag_value)
+    model_dtype = _parameter_dtype(params)
+    if model_dtype is not None:  # nnx.BatchNorm keeps float32 statistics whatever its dtype
+        stats = jax.tree.map(lambda v: _at_least(v, model_dtype), stats)
+    logits = _ModelLogits(graphdef, model_dtype, flag_name, flag_value)
 
     # pytrees: the statistics and RNG state are leaves, the graph, the call settings and the
     # loss the static part (equal for every checkpoint of one model), so jitted solvers

@@ -576,3 +576,37 @@ def test_equinox_refused_with_the_loss_fn_to_write(digits):
 def test_other_objects_refused():
     with pytest.raises(TypeError, match="takes a flax.nnx model, got dict.*hessian_operator"):
         ho.make_objective({"w": np.zeros(3)})
+
+
+def test_float64_model_with_float32_flax_statistics(digits):
+    """nnx.BatchNorm stores float32 statistics even with param_dtype=float64: the objective
+    keeps them in float64 (exactly), so train mode raises no FutureWarning and eval mode
+    equals the model's own forward."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(64, 4, param_dtype=F64, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, param_dtype=F64, rngs=rngs)
+            self.out = nnx.Linear(4, 10, param_dtype=F64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jax.nn.relu(self.bn(self.lin(x.reshape(x.shape[0], -1)))))
+
+    net = Net(nnx.Rngs(0))
+    net.train()
+    with pytest.warns(FutureWarning, match="float64 to dtype=float32"):  # the model itself
+        net(digits.x[:20])  # running averages with float32 rounding, not the initial 0 and 1
+    assert net.bn.mean[...].dtype == jnp.float32
+    batch = {"x": digits.x[:16], "y": digits.y[:16]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train = ho.make_objective(net, bn_mode="train")
+        assert train.stats["bn"]["mean"].dtype == F64
+        value = jax.value_and_grad(train.loss_fn)(train.params, batch)[0]
+        evaluate = ho.make_objective(net, bn_mode="eval")
+        eval_value = evaluate.loss_fn(evaluate.params, batch)
+    np.testing.assert_array_equal(evaluate.stats["bn"]["mean"], net.bn.mean[...])
+    net.eval()
+    expected = optax.softmax_cross_entropy_with_integer_labels(net(batch["x"]), batch["y"]).mean()
+    np.testing.assert_allclose(eval_value, expected, rtol=1e-13)
+    assert value.dtype == F64 and not np.isclose(value, eval_value)
