@@ -54,6 +54,7 @@ USER_CODE = {
         "haiku_eval_loss",
         "eqx_loss",
         "linen_train_loss_with_stats",
+        "hvp_of_loss",
     }
 }
 
