@@ -122,6 +122,8 @@ def test_committed_with_the_outputs_of_one_full_execution(name):
             assert not (out.output_type == "stream" and out.name == "stderr"), (
                 f"{name}, code cell {i} wrote to stderr: {out.text[:300]}"
             )
+            widgets = [k for k in out.get("data", {}) if "widget" in k]
+            assert not widgets, f"{name}, code cell {i}: a widget (progress bar?) {widgets}"
     parameters = next(c for c in code if "parameters" in c.metadata.get("tags", []))
     printed = "".join(o.get("text", "") for o in parameters.outputs)
     assert "settings: full" in printed, f"{name}: not executed at full settings: {printed!r}"
