@@ -29,6 +29,17 @@ objective, whatever the mode: the loss is deterministic. The objective also comp
 BN variance with the exact two-pass formula (``use_fast_variance=False``), which is the
 same function as flax's one-pass formula, with fewer rounding errors.
 
+Models whose ``__call__`` takes a training flag besides the inputs (``model(x, train=...)``,
+``model(x, deterministic=...)``) name that keyword with ``train_flag=`` (a flag that is True
+for training behaviour: ``train``, ``training``, ``is_training``) or ``eval_flag=`` (True for
+inference behaviour: ``deterministic``, ``use_running_average``, ``inference``); the objective
+then calls ``model(x, **{keyword: value})`` with the value of its BatchNorm mode (training
+behaviour in ``"train"`` mode only). Inputs are cast to the model's dtype (that of its
+floating parameters) before the call, so float64 data and a float32 model compute in float32.
+
+Models of other frameworks (flax.linen, haiku, equinox) are refused with the ``loss_fn`` to
+write for :func:`hessspec.hessian_operator` instead (``notebooks/05_your_own_model.ipynb``).
+
 Getting a model back (e.g. after training the params)::
 
     model = obj.to_model(new_params)            # the objective's BN mode
@@ -40,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -351,12 +363,31 @@ def population_statistics(model: nnx.Module, x, batch_size: int | None = None) -
 @dataclasses.dataclass(frozen=True)
 class _ModelLogits:
     """``(stats, rest, params, x) -> outputs`` of a model graph. Hashable by value (the
-    graph), so it is the static part of :attr:`Objective.logits_fn`."""
+    graph and the call settings), so it is the static part of :attr:`Objective.logits_fn`.
+
+    Attributes:
+        graphdef: the model graph (BN mode baked in).
+        input_dtype: name of the dtype floating inputs are cast to (the model's parameter
+            dtype), or None to pass inputs as they are.
+        flag_name: keyword of ``__call__`` that selects training or inference behaviour
+            (``"train"``, ``"deterministic"``, ...), or None: the model is called as
+            ``model(x)``.
+        flag_value: the value passed for ``flag_name``.
+    """
 
     graphdef: Any
+    input_dtype: str | None = None
+    flag_name: str | None = None
+    flag_value: bool | None = None
 
     def __call__(self, stats, rest, params, x):
-        return nnx.merge(self.graphdef, params, stats, rest)(x)
+        model = nnx.merge(self.graphdef, params, stats, rest)
+        x = jnp.asarray(x)
+        if self.input_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(self.input_dtype)
+        if self.flag_name is None:
+            return model(x)
+        return model(x, **{self.flag_name: self.flag_value})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,15 +402,167 @@ class _OutputLoss:
 
 @dataclasses.dataclass(frozen=True)
 class _ModelLoss:
-    """``(stats, rest, params, batch) -> mean loss`` of a model graph; hashable by value."""
+    """``(stats, rest, params, batch) -> mean loss`` of a model graph; hashable by value.
+    ``logits`` holds the graph and how the model is called (:class:`_ModelLogits`)."""
 
-    graphdef: Any
+    logits: _ModelLogits
     loss: str
 
     def __call__(self, stats, rest, params, batch):
         _check_batch(batch)
-        logits = _ModelLogits(self.graphdef)(stats, rest, params, batch["x"])
-        return output_loss(logits, batch, self.loss)
+        return output_loss(self.logits(stats, rest, params, batch["x"]), batch, self.loss)
+
+
+# --------------------------------------------------------------------------------------
+# Models of other frameworks, and how a model is called
+# --------------------------------------------------------------------------------------
+
+_NOTEBOOK_05 = "notebooks/05_your_own_model.ipynb"
+_FOREIGN_LOSS_FN = {
+    "flax.linen": """\
+    def loss_fn(params, batch):  # train mode: each batch's statistics
+        logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, batch["x"],
+                                train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    op = hs.hessian_operator(loss_fn, variables["params"], data)
+
+(eval mode: logits = model.apply({"params": params, "batch_stats": batch_stats},
+batch["x"], train=False); without BatchNorm: model.apply({"params": params}, batch["x"]))""",
+    "haiku": """\
+    def loss_fn(params, batch):  # transformed = hk.transform_with_state(forward)
+        logits, _ = transformed.apply(params, state, None, batch["x"], True)  # is_training
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    op = hs.hessian_operator(loss_fn, params, data)
+
+(pass is_training=False for the stored moving averages; hk.transform: apply(params, None,
+batch["x"]))""",
+    "equinox": """\
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_fn(params, batch):
+        logits = jax.vmap(eqx.combine(params, static))(batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    op = hs.hessian_operator(loss_fn, params, data)""",
+}
+
+
+def _foreign_framework(model: Any) -> str | None:
+    """``"flax.linen"``, ``"haiku"`` or ``"equinox"`` when ``model`` (or a class it derives
+    from) comes from that framework, else None. Looks at module names only: imports none."""
+    for cls in type(model).__mro__:
+        module = getattr(cls, "__module__", "") or ""
+        for framework in _FOREIGN_LOSS_FN:
+            if module == framework or module.startswith(framework + "."):
+                return framework
+    return None
+
+
+def _refuse_non_nnx(model: Any) -> None:
+    """Raise ``TypeError`` for anything but an ``nnx.Module``, with the ``loss_fn`` to write
+    for a flax.linen, haiku or equinox model."""
+    if isinstance(model, nnx.Module):
+        return
+    framework = _foreign_framework(model)
+    name = type(model).__name__
+    if framework is None:
+        raise TypeError(
+            f"make_objective takes a flax.nnx model, got {name}. For a model of any other "
+            "kind write loss_fn(params, batch) -> mean loss and call "
+            f"hs.hessian_operator(loss_fn, params, data); see {_NOTEBOOK_05}."
+        )
+    raise TypeError(
+        f"make_objective takes flax.nnx models; {name} is a {framework} "
+        f"{'module' if framework != 'haiku' else 'object'}. Write its loss yourself and give it "
+        f"to hs.hessian_operator (worked examples with dense Hessian checks: {_NOTEBOOK_05}):"
+        f"\n\n{_FOREIGN_LOSS_FN[framework]}"
+    )
+
+
+def _call_flag(model: nnx.Module, train_flag: str | None, eval_flag: str | None):
+    """``(keyword, True for training)`` from ``train_flag`` / ``eval_flag``, checked against
+    the signature of ``model.__call__``; ``(None, None)`` for a model called as ``model(x)``.
+
+    Raises:
+        ValueError: both flags given.
+        TypeError: ``__call__`` has no such keyword, or needs an argument besides the inputs
+            and no flag names it.
+    """
+    if train_flag is not None and eval_flag is not None:
+        raise ValueError(
+            f"give train_flag (True in training) or eval_flag (True in inference), not both; "
+            f"got train_flag={train_flag!r}, eval_flag={eval_flag!r}."
+        )
+    keyword = train_flag if train_flag is not None else eval_flag
+    if keyword is not None and (not isinstance(keyword, str) or not keyword.isidentifier()):
+        raise TypeError(f"the flag must be the name of a keyword argument, got {keyword!r}.")
+    name = type(model).__name__
+    try:
+        signature = inspect.signature(type(model).__call__)
+    except (TypeError, ValueError):  # no Python signature: nothing to check
+        return keyword, (None if keyword is None else train_flag is not None)
+    parameters = list(signature.parameters.values())[1:]  # drop self
+    kinds = inspect.Parameter
+    positional = [
+        p for p in parameters if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+    ]
+    inputs = positional[0].name if positional else None
+    by_name = {p.name: p for p in parameters if p.kind != kinds.POSITIONAL_ONLY}
+    takes_any = any(p.kind == kinds.VAR_KEYWORD for p in parameters)
+    if keyword is not None and keyword not in by_name and not takes_any:
+        raise TypeError(
+            f"{name}.__call__ has no keyword argument {keyword!r}; its arguments are "
+            f"({', '.join(p.name for p in parameters)})."
+        )
+    required = [
+        p.name
+        for p in parameters
+        if p.default is p.empty
+        and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+        and p.name not in (inputs, keyword)
+    ]
+    if required:
+        flag = required[0]
+        raise TypeError(
+            f"{name}.__call__ takes the argument{'s' if len(required) > 1 else ''} "
+            f"{', '.join(map(repr, required))} besides the inputs {inputs!r}, and make_objective "
+            "calls model(x) unless it is told the model's training keyword: pass "
+            f"train_flag={flag!r} if {flag}=True means training behaviour (batch statistics, "
+            f"dropout), or eval_flag={flag!r} if {flag}=True means inference behaviour "
+            "(like deterministic=True). The objective then passes the value of its bn_mode."
+        )
+    return keyword, (None if keyword is None else train_flag is not None)
+
+
+def _parameter_dtype(params) -> str | None:
+    """Name of the common dtype of the floating parameter leaves (None if there are none)."""
+    floating = [
+        jnp.result_type(v) for v in jax.tree.leaves(params) if jnp.issubdtype(v.dtype, jnp.floating)
+    ]
+    return None if not floating else jnp.result_type(*floating).name
+
+
+def _at_least(value: jax.Array, dtype: str) -> jax.Array:
+    """A floating ``value`` promoted to at least ``dtype`` (exact); other values as given."""
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        return value
+    return value.astype(jnp.promote_types(value.dtype, dtype))
+
+
+class _CalledWithFlag(nnx.Module):
+    """``model(x, **{flag_name: flag_value})`` as a one-argument model, for
+    :func:`population_statistics` (which calls ``model(x)``). Holds ``model`` itself: an
+    update of this wrapper's statistics writes into ``model``."""
+
+    def __init__(self, model: nnx.Module, flag_name: str, flag_value: bool):
+        self.model = model
+        self.flag_name = flag_name
+        self.flag_value = flag_value
+
+    def __call__(self, x):
+        return self.model(x, **{self.flag_name: self.flag_value})
 
 
 def make_objective(
@@ -388,12 +571,19 @@ def make_objective(
     bn_mode: str | None = None,
     population_data=None,
     population_batch_size: int | None = None,
+    *,
+    train_flag: str | None = None,
+    eval_flag: str | None = None,
 ) -> Objective:
     """Pure loss, logits and output-loss functions of a model's parameters.
 
     Args:
         model: an nnx model mapping ``x`` ``(B, ...)`` to outputs ``(B, K)``; not mutated
-            (the objective works on a copy).
+            (the objective works on a copy). Floating inputs are cast to the dtype of its
+            floating parameters before every call (float64 data, float32 model: float32),
+            and its BatchNorm statistics are kept in at least that dtype (``nnx.BatchNorm``
+            stores float32 statistics whatever its ``param_dtype``; a float64 model's become
+            float64, exactly), so that train mode computes in one dtype without warnings.
         loss: ``"cross_entropy"`` (integer labels) or ``"mse"`` (see :func:`output_loss`).
         bn_mode: for a model with BatchNorm, one of ``"train"``, ``"eval"``,
             ``"population"`` (required: no default); for a model without, None.
@@ -401,20 +591,35 @@ def make_objective(
             statistics (array ``(N, ...)``, Dataset or ``{"x": ...}``), usually the whole
             training set.
         population_batch_size: batch size of that computation (None: all at once).
+        train_flag: for a model whose ``__call__`` takes a training flag besides the inputs:
+            the name of that keyword when True means training behaviour (``"train"``,
+            ``"training"``, ``"is_training"``). The objective calls
+            ``model(x, **{train_flag: bn_mode == "train"})``: True in ``"train"`` mode, False
+            in ``"eval"`` and ``"population"`` mode and for a model without BatchNorm.
+        eval_flag: the same when True means inference behaviour (``"deterministic"``,
+            ``"use_running_average"``, ``"inference"``): ``model(x, **{eval_flag: bn_mode !=
+            "train"})``. At most one of the two. Whatever the flag, dropout layers
+            (``nnx.Dropout``) are switched off (rate 0): an objective is deterministic.
 
     Returns:
         :class:`Objective`. ``loss_fn(params, batch)`` is the mean loss over the batch;
         ``jax.grad(loss_fn)`` is a pytree shaped like ``params``.
 
     Raises:
+        TypeError: ``model`` is not an ``nnx.Module`` (for flax.linen, haiku and equinox
+            models the message shows the ``loss_fn`` to write for
+            :func:`hessspec.hessian_operator` instead); ``model.__call__`` needs an argument
+            besides the inputs that no flag names, or has no keyword named by a flag.
         ValueError: unknown loss or mode; a BN model without ``bn_mode``; a mode for a
             model without BN; ``population_data`` missing for, or given without,
-            ``"population"``.
+            ``"population"``; both ``train_flag`` and ``eval_flag``.
     """
+    _refuse_non_nnx(model)
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}.")
     if bn_mode is not None and bn_mode not in BN_MODES:
         raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {BN_MODES} (or None).")
+    flag_name, flag_means_training = _call_flag(model, train_flag, eval_flag)
     has_bn = bool(batchnorm_layers(model))
     if has_bn and bn_mode is None:
         raise ValueError(
@@ -436,30 +641,42 @@ def make_objective(
             "population_data/population_batch_size are only used with bn_mode='population', "
             f"got bn_mode={bn_mode!r}."
         )
+    training = bn_mode == "train"
+    flag_value = None if flag_name is None else (training == flag_means_training)
 
     work = _private_copy(model)
     work.set_attributes(deterministic=True, raise_if_not_found=False)
+    for _, layer in nnx.iter_graph(work):
+        if isinstance(layer, nnx.Dropout):  # off even where the flag would switch it on
+            layer.rate = 0.0
     if has_bn:
         work.set_attributes(
-            use_running_average=bn_mode != "train",
+            use_running_average=not training,
             use_fast_variance=False,
             record_input_stats=False,
             raise_if_not_found=False,
         )
     if bn_mode == "population":
-        nnx.update(work, population_statistics(work, population_data, population_batch_size))
+        # population_statistics calls model(x): through a wrapper that passes the flag
+        target = work if flag_name is None else _CalledWithFlag(work, flag_name, flag_value)
+        nnx.update(target, population_statistics(target, population_data, population_batch_size))
 
     graphdef, params_state, stats_state, rest_state = nnx.split(work, nnx.Param, nnx.BatchStat, ...)
     # jax arrays throughout (a model may hold numpy arrays, which cannot take traced updates)
     params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(params_state))
     stats = jax.tree.map(jnp.asarray, nnx.to_pure_dict(stats_state))
     rest = jax.tree.map(jnp.asarray, nnx.to_pure_dict(rest_state))
+    model_dtype = _parameter_dtype(params)
+    if model_dtype is not None:  # nnx.BatchNorm keeps float32 statistics whatever its dtype
+        stats = jax.tree.map(lambda v: _at_least(v, model_dtype), stats)
+    logits = _ModelLogits(graphdef, model_dtype, flag_name, flag_value)
 
-    # pytrees: the statistics and RNG state are leaves, the graph and loss the static part
-    # (equal for every checkpoint of one model), so jitted solvers reuse compiled programs
+    # pytrees: the statistics and RNG state are leaves, the graph, the call settings and the
+    # loss the static part (equal for every checkpoint of one model), so jitted solvers
+    # reuse compiled programs
     return Objective(
-        loss_fn=jax.tree_util.Partial(_ModelLoss(graphdef, loss), stats, rest),
-        logits_fn=jax.tree_util.Partial(_ModelLogits(graphdef), stats, rest),
+        loss_fn=jax.tree_util.Partial(_ModelLoss(logits, loss), stats, rest),
+        logits_fn=jax.tree_util.Partial(logits, stats, rest),
         output_loss_fn=_OutputLoss(loss),
         params=params,
         bn_mode=bn_mode,

@@ -2,6 +2,7 @@
 population statistics, gradients that leave the statistics alone, and the errors."""
 
 import itertools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
+import hessspec as hs
 from hessspec import data as hd
 from hessspec import models as hm
 from hessspec import objective as ho
@@ -297,3 +299,314 @@ def test_objective_errors(models, digits):
         obj.loss_fn(obj.params, (digits.x, digits.y))
     with pytest.raises(ValueError, match="integer class labels"):
         obj.loss_fn(obj.params, {"x": digits.x, "y": digits.y.astype(np.float64)})
+
+
+# --------------------------------------------------------------------------------------
+# Models called with a training flag; inputs cast to the model's dtype; foreign models
+# --------------------------------------------------------------------------------------
+
+EPS = 1e-5  # nnx.BatchNorm's default epsilon
+
+
+class FlagMLP(nnx.Module):
+    """Linear -> BatchNorm -> ReLU -> Dropout -> Linear, driven by ``train``: batch
+    statistics and dropout when True (the usual nnx pattern of call-time flags)."""
+
+    def __init__(self, dtype=F64, seed=0):
+        rngs = nnx.Rngs(seed)
+        kw = {"dtype": dtype, "param_dtype": dtype, "rngs": rngs}
+        self.lin = nnx.Linear(64, 5, **kw)
+        self.bn = nnx.BatchNorm(5, **kw)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(5, 10, **kw)
+
+    def __call__(self, x, train: bool):
+        h = self.bn(self.lin(x.reshape(x.shape[0], -1)), use_running_average=not train)
+        return self.out(self.drop(jax.nn.relu(h), deterministic=not train))
+
+
+class DeterministicMLP(FlagMLP):
+    """The same network with the inverse flag: ``deterministic=True`` is inference."""
+
+    def __call__(self, x, deterministic: bool = False):
+        return super().__call__(x, train=not deterministic)
+
+
+def _flag_model(cls, dtype=F64):
+    """A model with non-trivial parameters and running averages unlike any batch's."""
+    model = cls(dtype=dtype)
+    rng = np.random.default_rng(5)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    nnx.update(
+        model, jax.tree.map(lambda v: v + 0.3 * rng.standard_normal(v.shape).astype(dtype), params)
+    )
+    stats = {"mean": rng.normal(0.0, 0.5, 5), "var": rng.uniform(0.5, 2.0, 5)}
+    nnx.update(model, {"bn": jax.tree.map(lambda v: jnp.asarray(v, dtype), stats)})
+    return model
+
+
+def _reference_flag_loss(params, batch, mean=None, var=None):
+    """The FlagMLP's mean cross-entropy written out in jnp from the parameter dict: BN with
+    the given statistics, or (None) the batch's own (biased variance); dropout off."""
+    x = batch["x"].reshape(batch["x"].shape[0], -1)
+    h = x @ params["lin"]["kernel"] + params["lin"]["bias"]
+    if mean is None:
+        mean, var = h.mean(0), ((h - h.mean(0)) ** 2).mean(0)
+    h = (h - mean) / jnp.sqrt(var + EPS) * params["bn"]["scale"] + params["bn"]["bias"]
+    logits = jax.nn.relu(h) @ params["out"]["kernel"] + params["out"]["bias"]
+    log_p = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(log_p, batch["y"][:, None], axis=1).mean()
+
+
+@pytest.mark.parametrize("mode", ho.BN_MODES)
+def test_train_flag_model_hessian_against_dense_reference(digits, mode):
+    """A model called as model(x, train=...): loss and Hessian operator (ragged batches)
+    against the dense float64 jax.hessian of the loss written out by hand, in every BatchNorm
+    mode; dropout stays off. The same network called as model(x, deterministic=...) with
+    eval_flag gives the same objective."""
+    model = _flag_model(FlagMLP)
+    population = digits.x  # 40 examples: their statistics differ from those of the subset
+    kw = {"population_data": population, "population_batch_size": 7} if mode == "population" else {}
+    obj = ho.make_objective(model, bn_mode=mode, train_flag="train", **kw)
+    data = {"x": digits.x[:23], "y": digits.y[:23]}
+
+    p0 = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if mode == "eval":
+        stats = (model.bn.mean[...], model.bn.var[...])
+        assert stats[0].dtype == F64
+    elif mode == "population":
+        h = np.asarray(population).reshape(len(population), -1) @ np.asarray(p0["lin"]["kernel"])
+        h = h + np.asarray(p0["lin"]["bias"])
+        stats = (h.mean(0), h.var(0))
+        np.testing.assert_allclose(obj.stats["bn"]["mean"], stats[0], rtol=1e-12)
+        np.testing.assert_allclose(obj.stats["bn"]["var"], stats[1], rtol=1e-12)
+    else:
+        stats = (None, None)
+
+    value = obj.loss_fn(obj.params, data)
+    assert value == obj.loss_fn(obj.params, data)  # dropout off: deterministic
+    np.testing.assert_allclose(value, _reference_flag_loss(p0, data, *stats), rtol=1e-12)
+
+    # the inverse flag: deterministic = not train
+    inverse = ho.make_objective(
+        _flag_model(DeterministicMLP), bn_mode=mode, eval_flag="deterministic", **kw
+    )
+    assert inverse.logits_fn.func.flag_value == (mode != "train")
+    np.testing.assert_allclose(inverse.loss_fn(inverse.params, data), value, rtol=1e-14)
+
+    # the operator over batches of 10, 10, 3 against sum_b (|b|/N) dense Hess L_b
+    flat0, unravel = ravel_pytree(p0)
+    ref_hessian = jax.jit(jax.hessian(lambda f, b: _reference_flag_loss(unravel(f), b, *stats)))
+    dense = sum(
+        (len(b["y"]) / 23) * np.asarray(ref_hessian(flat0, b))
+        for b in ({k: v[s : s + 10] for k, v in data.items()} for s in (0, 10, 20))
+    )
+    op = hs.hessian_operator(obj.loss_fn, obj.params, data, batch_size=10)
+    assert op.dim == flat0.size
+    np.testing.assert_allclose(op.to_dense(), dense, rtol=1e-9, atol=1e-12 * np.abs(dense).max())
+    assert np.linalg.eigvalsh(dense)[-1] > 0.1  # a non-trivial curvature
+
+
+def test_train_flag_errors(digits):
+    model = _flag_model(FlagMLP)
+    with pytest.raises(TypeError, match="argument 'train' besides the inputs 'x'.*train_flag="):
+        ho.make_objective(model, bn_mode="train")
+    with pytest.raises(TypeError, match="no keyword argument 'training'; its arguments are"):
+        ho.make_objective(model, bn_mode="train", train_flag="training")
+    with pytest.raises(ValueError, match="not both"):
+        ho.make_objective(model, bn_mode="train", train_flag="train", eval_flag="train")
+    # a flag with a default may be left out: the model is then called as model(x)
+    obj = ho.make_objective(_flag_model(DeterministicMLP), bn_mode="train")
+    assert np.isfinite(obj.loss_fn(obj.params, {"x": digits.x[:8], "y": digits.y[:8]}))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_float64_data_float32_model_computes_in_float32_without_warning(digits, mode):
+    """flax warns (FutureWarning, scatter of float64 into float32) when float64 inputs reach
+    a float32 BatchNorm in train mode: the objective casts inputs to the model's dtype."""
+    model = _flag_model(FlagMLP, dtype=jnp.float32)
+    x64 = np.asarray(digits.x[:16], np.float64)
+    batch = {"x": x64, "y": digits.y[:16]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        obj = ho.make_objective(model, bn_mode=mode, train_flag="train")
+        value, grad = jax.value_and_grad(obj.loss_fn)(obj.params, batch)
+        logits = obj.logits_fn(obj.params, x64)
+    assert value.dtype == jnp.float32 and logits.dtype == jnp.float32
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grad))
+    # the same numbers as float32 inputs
+    batch32 = {"x": x64.astype(np.float32), "y": batch["y"]}
+    assert obj.loss_fn(obj.params, batch32) == value
+    # and the float64 reference of the float32 parameters agrees to float32 accuracy
+    p64 = jax.tree.map(lambda v: np.asarray(v, np.float64), obj.params)
+    stats = (None, None) if mode == "train" else (model.bn.mean[...], model.bn.var[...])
+    ref = _reference_flag_loss(
+        p64, batch32 | {"x": x64.astype(np.float32).astype(np.float64)}, *stats
+    )
+    np.testing.assert_allclose(value, ref, rtol=1e-5)
+
+
+def _snippet(message):
+    """The indented code lines of a refusal message, dedented."""
+    lines = [line for line in message.splitlines() if line.startswith("    ") or not line]
+    code = "\n".join(line[4:] for line in lines).strip("\n")
+    return code.split("\n\n(")[0]
+
+
+def _check_snippet_runs(message, namespace, reference_loss):
+    """The loss_fn a refusal message shows runs as written, and its operator is the dense
+    float64 Hessian of ``reference_loss`` (the loss written here independently)."""
+    namespace = {"hs": hs, "jax": jax, "jnp": jnp, "optax": optax, **namespace}
+    exec(_snippet(message), namespace)  # noqa: S102 - the message's own code
+    op = namespace["op"]
+    params = namespace["variables"]["params"] if "variables" in namespace else namespace["params"]
+    flat, unravel = ravel_pytree(params)
+    dense = np.asarray(jax.jit(jax.hessian(lambda f: reference_loss(unravel(f))))(flat))
+    np.testing.assert_allclose(op.to_dense(), dense, rtol=1e-10, atol=1e-13)
+
+
+def test_linen_refused_with_the_loss_fn_to_write(digits):
+    import flax.linen as nn
+
+    class LinenBN(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.Dense(4, param_dtype=F64)(x.reshape(x.shape[0], -1))
+            x = nn.BatchNorm(
+                use_running_average=not train, use_fast_variance=False, param_dtype=F64
+            )(x)
+            return nn.Dense(10, param_dtype=F64)(nn.relu(x))
+
+    model = LinenBN()
+    data = {"x": digits.x[:12], "y": digits.y[:12]}
+    variables = model.init(jax.random.key(0), data["x"], train=False)
+    with pytest.raises(TypeError) as info:
+        ho.make_objective(model, bn_mode="train")
+    message = str(info.value)
+    for expected in (
+        "flax.linen module",
+        'mutable=["batch_stats"]',
+        "train=True",
+        "hs.hessian_operator(loss_fn",
+        "notebooks/05_your_own_model.ipynb",
+    ):
+        assert expected in message, message
+    with pytest.raises(TypeError, match="flax.linen module"):
+        ho.make_objective(nn.Dense(3))  # a library class too
+
+    def reference(params):  # batch statistics, written out
+        x = data["x"].reshape(12, -1) @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
+        x = (x - x.mean(0)) / jnp.sqrt(x.var(0) + EPS)
+        x = x * params["BatchNorm_0"]["scale"] + params["BatchNorm_0"]["bias"]
+        logits = jax.nn.relu(x) @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, data["y"]).mean()
+
+    _check_snippet_runs(
+        message,
+        {
+            "model": model,
+            "variables": variables,
+            "batch_stats": variables["batch_stats"],
+            "data": data,
+        },
+        reference,
+    )
+
+
+def test_haiku_refused_with_the_loss_fn_to_write(digits):
+    hk = pytest.importorskip("haiku")
+
+    def forward(x, is_training):
+        x = hk.Linear(4)(x.reshape(x.shape[0], -1))
+        x = hk.BatchNorm(True, True, 0.9)(x, is_training)
+        return hk.Linear(10)(jax.nn.relu(x))
+
+    transformed = hk.transform_with_state(forward)
+    data = {"x": digits.x[:12], "y": digits.y[:12]}
+    params, state = transformed.init(jax.random.key(0), data["x"], True)
+    with pytest.raises(TypeError) as info:
+        ho.make_objective(transformed, bn_mode="train")
+    message = str(info.value)
+    for expected in (
+        "haiku object",
+        "transformed.apply(params, state, None",
+        "is_training",
+        "notebooks/05_your_own_model.ipynb",
+    ):
+        assert expected in message, message
+
+    def reference(p):  # haiku's BatchNorm: batch statistics, eps 1e-5
+        x = data["x"].reshape(12, -1) @ p["linear"]["w"] + p["linear"]["b"]
+        x = (x - x.mean(0)) / jnp.sqrt(x.var(0) + 1e-5)
+        x = x * p["batch_norm"]["scale"] + p["batch_norm"]["offset"]
+        logits = jax.nn.relu(x) @ p["linear_1"]["w"] + p["linear_1"]["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, data["y"]).mean()
+
+    _check_snippet_runs(
+        message,
+        {"transformed": transformed, "params": params, "state": state, "data": data},
+        reference,
+    )
+
+
+def test_equinox_refused_with_the_loss_fn_to_write(digits):
+    eqx = pytest.importorskip("equinox")
+    model = eqx.nn.MLP(64, 10, 4, 1, key=jax.random.key(0))
+    model = jax.tree.map(lambda v: v.astype(F64) if eqx.is_inexact_array(v) else v, model)
+    data = {"x": digits.x[:12].reshape(12, -1), "y": digits.y[:12]}
+    with pytest.raises(TypeError) as info:
+        ho.make_objective(model)
+    message = str(info.value)
+    for expected in (
+        "equinox module",
+        "eqx.partition(model, eqx.is_inexact_array)",
+        "eqx.combine(params, static)",
+        "notebooks/05_your_own_model.ipynb",
+    ):
+        assert expected in message, message
+
+    def reference(p):  # MLP: Linear -> ReLU -> Linear
+        hidden = jax.nn.relu(data["x"] @ p.layers[0].weight.T + p.layers[0].bias)
+        logits = hidden @ p.layers[1].weight.T + p.layers[1].bias
+        return optax.softmax_cross_entropy_with_integer_labels(logits, data["y"]).mean()
+
+    _check_snippet_runs(message, {"model": model, "eqx": eqx, "data": data}, reference)
+
+
+def test_other_objects_refused():
+    with pytest.raises(TypeError, match="takes a flax.nnx model, got dict.*hessian_operator"):
+        ho.make_objective({"w": np.zeros(3)})
+
+
+def test_float64_model_with_float32_flax_statistics(digits):
+    """nnx.BatchNorm stores float32 statistics even with param_dtype=float64: the objective
+    keeps them in float64 (exactly), so train mode raises no FutureWarning and eval mode
+    equals the model's own forward."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(64, 4, param_dtype=F64, rngs=rngs)
+            self.bn = nnx.BatchNorm(4, param_dtype=F64, rngs=rngs)
+            self.out = nnx.Linear(4, 10, param_dtype=F64, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jax.nn.relu(self.bn(self.lin(x.reshape(x.shape[0], -1)))))
+
+    net = Net(nnx.Rngs(0))
+    net.train()
+    with pytest.warns(FutureWarning, match="float64 to dtype=float32"):  # the model itself
+        net(digits.x[:20])  # running averages with float32 rounding, not the initial 0 and 1
+    assert net.bn.mean[...].dtype == jnp.float32
+    batch = {"x": digits.x[:16], "y": digits.y[:16]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train = ho.make_objective(net, bn_mode="train")
+        assert train.stats["bn"]["mean"].dtype == F64
+        value = jax.value_and_grad(train.loss_fn)(train.params, batch)[0]
+        evaluate = ho.make_objective(net, bn_mode="eval")
+        eval_value = evaluate.loss_fn(evaluate.params, batch)
+    np.testing.assert_array_equal(evaluate.stats["bn"]["mean"], net.bn.mean[...])
+    net.eval()
+    expected = optax.softmax_cross_entropy_with_integer_labels(net(batch["x"]), batch["y"]).mean()
+    np.testing.assert_allclose(eval_value, expected, rtol=1e-13)
+    assert value.dtype == F64 and not np.isclose(value, eval_value)
