@@ -146,6 +146,17 @@ class SpectralDensity:
         ``sqrt(1e-5 * max(1, lambda_max - lambda_min))``."""
         return ghorbani_sigma(self.lambda_min, self.lambda_max)
 
+    def trace(self) -> tuple[float, float]:
+        """The SLQ estimate of ``tr(A)`` and its standard error: per probe
+        ``n sum_l w_l tau_l = n v^T A v`` (a Hutchinson sample of the normalized Rademacher
+        probe ``v``), averaged over probes; the error is the spread over probes /
+        ``sqrt(P)`` (NaN for one probe). :func:`hessspec.trace` (Hutch++) is far more
+        accurate for the same matvecs when a few eigenvalues dominate."""
+        per_probe = self.dim * np.sum(self.weights * self.nodes, axis=1)
+        if per_probe.size < 2:
+            return float(per_probe.mean()), float("nan")
+        return float(per_probe.mean()), float(per_probe.std(ddof=1) / np.sqrt(per_probe.size))
+
     def quadrature(self) -> tuple[np.ndarray, np.ndarray]:
         """The probe-averaged discrete measure: ``(points, masses)``, each
         ``(num_probes * num_steps,)``, masses ``weights / num_probes`` summing to 1."""

@@ -225,3 +225,14 @@ def test_a_bulk_below_float32_resolution_is_reported(outlier_over_bulk):
         warnings.simplefilter("error", hs.SpectralResolutionWarning)
         sd64 = hs.spectral_density(ops[np.float64], num_probes=4, num_steps=80)
     assert _bulk_w1(sd64, narrow, 1e-4) <= 0.01
+
+
+def test_slq_trace_is_a_hutchinson_estimate(outlier_matrix):
+    """n sum_l w_l tau_l = n v^T A v per probe: the SLQ trace lies within a few of its
+    standard errors of tr(A), and for a 1-dimensional probe set its error is NaN."""
+    a, ev = outlier_matrix
+    sd = hs.spectral_density(dense_op(a), num_probes=PROBES, num_steps=STEPS)
+    value, stderr = sd.trace()
+    assert abs(value - np.sum(ev)) <= 4 * stderr and 0 < stderr < 0.2 * np.abs(ev).sum()
+    one = hs.spectral_density(dense_op(a), num_probes=1, num_steps=STEPS)
+    assert np.isnan(one.trace()[1])
