@@ -1,7 +1,14 @@
 """hessspec: matrix-free Hessian eigenspectra of neural networks in JAX."""
 
 from hessspec import distributed
-from hessspec.analysis import OutlierSplit, gradient_energy, outlier_split
+from hessspec.analysis import (
+    OutlierSplit,
+    density_js_distance,
+    gradient_energy,
+    outlier_split,
+    subspace_overlap,
+)
+from hessspec.blocks import BlockSpectra, BlockSpectrum, block_spectra, layer_blocks
 from hessspec.compilation_cache import enable_compilation_cache
 from hessspec.data import (
     Dataset,
@@ -98,6 +105,12 @@ __all__ = [
     "LanczosConvergenceWarning",
     "LanczosResult",
     "OutlierSplit",
+    "BlockSpectra",
+    "BlockSpectrum",
+    "block_spectra",
+    "density_js_distance",
+    "layer_blocks",
+    "subspace_overlap",
     "SpectralDensity",
     "SpectralResolutionWarning",
     "TraceEstimate",

@@ -9,7 +9,90 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["OutlierSplit", "gradient_energy", "outlier_split"]
+__all__ = [
+    "OutlierSplit",
+    "density_js_distance",
+    "gradient_energy",
+    "outlier_split",
+    "subspace_overlap",
+]
+
+
+def _rows_orthonormal(v: np.ndarray, caller: str, name: str) -> None:
+    gram_err = float(np.max(np.abs(v @ v.T - np.eye(v.shape[0])))) if v.shape[0] else 0.0
+    if gram_err > 1e-3:
+        raise ValueError(
+            f"{caller}: the rows of {name} are not orthonormal (max |V V^T - I| = "
+            f"{gram_err:.3g}); pass eigenvectors as rows, e.g. top_eigenpairs(...).vectors."
+        )
+
+
+def subspace_overlap(vectors_a: Any, vectors_b: Any) -> float:
+    """Overlap of two eigenspaces (Gur-Ari, Roberts & Dyer 2018):
+    ``||Q_a^T Q_b||_F^2 / k`` for orthonormal rows ``Q_a`` ``(k_a, n)`` and ``Q_b``
+    ``(k_b, n)``, ``k = min(k_a, k_b)``.
+
+    1 when the smaller space lies inside the other, 0 when they are orthogonal; for two
+    random ``k``-dimensional subspaces of ``R^n`` about ``max(k_a, k_b) / n``. Signs and the
+    order of the vectors within a space do not matter.
+
+    Raises:
+        ValueError: shapes that do not match, non-finite entries or non-orthonormal rows.
+    """
+    a = np.asarray(vectors_a, dtype=np.float64)
+    b = np.asarray(vectors_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not a.size or not b.size:
+        raise ValueError(
+            f"subspace_overlap: vectors must be (k, n) arrays with eigenvectors as rows and the "
+            f"same n, got {a.shape} and {b.shape}."
+        )
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("subspace_overlap: the vectors contain NaN/Inf.")
+    _rows_orthonormal(a, "subspace_overlap", "vectors_a")
+    _rows_orthonormal(b, "subspace_overlap", "vectors_b")
+    return float(np.sum((a @ b.T) ** 2) / min(a.shape[0], b.shape[0]))
+
+
+def density_js_distance(densities: Any, grid: Any) -> np.ndarray:
+    """Pairwise Jensen-Shannon distances between spectral densities on one grid.
+
+    Each density (a row of ``densities``, values on ``grid``) is turned into a probability
+    vector by its Riemann masses on the grid; the distance is the square root of the
+    Jensen-Shannon divergence in bits (``scipy.spatial.distance.jensenshannon``, base 2), so
+    it lies in ``[0, 1]``: 0 for equal densities, 1 for disjoint supports. Zhang et al. (2024)
+    compare the Hessian spectra of a network's blocks this way.
+
+    Args:
+        densities: ``(B, G)`` non-negative values of ``B`` densities on the ``(G,)`` grid
+            (e.g. :meth:`hessspec.SpectralDensity.density` on a common grid and width).
+        grid: ``(G,)`` increasing points.
+
+    Returns:
+        ``(B, B)`` symmetric distances with a zero diagonal.
+    """
+    from scipy.spatial.distance import jensenshannon
+
+    dens = np.asarray(densities, dtype=np.float64)
+    grid = np.asarray(grid, dtype=np.float64)
+    if dens.ndim != 2 or grid.ndim != 1 or dens.shape[1] != grid.size or grid.size < 2:
+        raise ValueError(
+            f"density_js_distance: densities must be (B, G) on a (G,) grid, got "
+            f"{dens.shape} and {grid.shape}."
+        )
+    if np.any(~np.isfinite(dens)) or np.any(dens < 0):
+        raise ValueError("density_js_distance: densities must be finite and non-negative.")
+    widths = np.gradient(grid)
+    masses = dens * widths
+    totals = masses.sum(axis=1)
+    if np.any(totals <= 0):
+        raise ValueError("density_js_distance: a density has no mass on the grid.")
+    masses /= totals[:, None]
+    b = dens.shape[0]
+    out = np.zeros((b, b))
+    for i in range(b):
+        for j in range(i + 1, b):
+            out[i, j] = out[j, i] = float(jensenshannon(masses[i], masses[j], base=2))
+    return out
 
 
 def gradient_energy(g: Any, vectors: Any) -> np.ndarray:
@@ -46,12 +129,7 @@ def gradient_energy(g: Any, vectors: Any) -> np.ndarray:
         )
     if not (np.all(np.isfinite(g)) and np.all(np.isfinite(v))):
         raise ValueError("gradient_energy: g or vectors contain NaN/Inf.")
-    gram_err = float(np.max(np.abs(v @ v.T - np.eye(v.shape[0])))) if v.shape[0] else 0.0
-    if gram_err > 1e-3:
-        raise ValueError(
-            f"gradient_energy: the rows of vectors are not orthonormal (max |V V^T - I| = "
-            f"{gram_err:.3g}); pass eigenvectors as rows, e.g. top_eigenpairs(...).vectors."
-        )
+    _rows_orthonormal(v, "gradient_energy", "vectors")
     norms2 = np.sum(g * g, axis=-1)
     if np.any(norms2 == 0):
         raise ValueError(

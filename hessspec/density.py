@@ -37,6 +37,7 @@ from hessspec.memory import check_call
 
 __all__ = [
     "SpectralDensity",
+    "density_grid",
     "SpectralResolutionWarning",
     "gaussian_quadrature",
     "ghorbani_sigma",
@@ -194,6 +195,14 @@ class SpectralDensity:
             z = (grid[lo : lo + chunk, None] - points[None, :]) / sigma
             out[lo : lo + chunk] = (np.exp(-0.5 * z**2) @ masses) * norm
         return out
+
+
+def density_grid(lo: float, hi: float, sigma: float, max_points: int = 20000) -> np.ndarray:
+    """A uniform grid over ``[lo - 6 sigma, hi + 6 sigma]`` with about 5 points per ``sigma``
+    (at least 1000, at most ``max_points``), so the Gaussian kernels are resolved."""
+    a, b = lo - 6 * sigma, hi + 6 * sigma
+    n = int(np.clip(np.ceil(5 * (b - a) / sigma), 1000, max_points))
+    return np.linspace(a, b, n)
 
 
 class SpectralResolutionWarning(UserWarning):

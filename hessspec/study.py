@@ -40,7 +40,7 @@ from jax.flatten_util import ravel_pytree
 from hessspec.analysis import gradient_energy, outlier_split
 from hessspec.config import AnalysisConfig, TrainConfig
 from hessspec.data import Dataset
-from hessspec.density import spectral_density
+from hessspec.density import density_grid, spectral_density
 from hessspec.lanczos import LanczosConvergenceWarning, top_eigenpairs
 from hessspec.linop import LinearOperator
 from hessspec.memory import MemoryEstimate, estimate_memory
@@ -173,14 +173,6 @@ def _finite_or_none(x: float) -> float | None:
 
 def _floats(a: Any) -> list[float | None]:
     return [_finite_or_none(v) for v in np.asarray(a, dtype=np.float64).reshape(-1)]
-
-
-def density_grid(lo: float, hi: float, sigma: float, max_points: int = 20000) -> np.ndarray:
-    """A uniform grid over ``[lo - 6 sigma, hi + 6 sigma]`` with about 5 points per ``sigma``
-    (at least 1000, at most ``max_points``), so the Gaussian kernels are resolved."""
-    a, b = lo - 6 * sigma, hi + 6 * sigma
-    n = int(np.clip(np.ceil(5 * (b - a) / sigma), 1000, max_points))
-    return np.linspace(a, b, n)
 
 
 class CheckpointAnalyzer:

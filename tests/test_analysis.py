@@ -89,3 +89,42 @@ def test_outlier_split_degenerate_cases():
 def test_outlier_split_errors(values, k, match):
     with pytest.raises(ValueError, match=match):
         hs.outlier_split(values, num_classes=k)
+
+
+def test_subspace_overlap_closed_forms(rng):
+    """cos^2 of the angle for lines; 1 for the same space in another basis (rotated within,
+    signs flipped); 1 for a space inside a larger one; 0 for orthogonal spaces; about k/n for
+    random spaces."""
+    q, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    a = q[:, :5].T
+    theta = 0.3
+    line_a = q[:, 0]
+    line_b = np.cos(theta) * q[:, 0] + np.sin(theta) * q[:, 1]
+    assert hs.subspace_overlap(line_a[None], line_b[None]) == pytest.approx(np.cos(theta) ** 2)
+    rot, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+    assert hs.subspace_overlap(a, -(rot @ a)) == pytest.approx(1.0, abs=1e-12)
+    assert hs.subspace_overlap(a[:2], a) == pytest.approx(1.0, abs=1e-12)
+    assert hs.subspace_overlap(a, q[:, 5:10].T) == pytest.approx(0.0, abs=1e-12)
+    n, k = 2000, 10
+    rand = [np.linalg.qr(rng.standard_normal((n, k)))[0].T for _ in range(2)]
+    assert hs.subspace_overlap(*rand) == pytest.approx(k / n, rel=0.5)
+    with pytest.raises(ValueError, match="not orthonormal"):
+        hs.subspace_overlap(2 * a, a)
+    with pytest.raises(ValueError, match="same n"):
+        hs.subspace_overlap(a, a[:, :-1])
+
+
+def test_js_distance_closed_form():
+    """Uniform on [0, 2] against uniform on [1, 3]: the divergence is 1/2 bit, the distance
+    sqrt(1/2); equal densities are at 0 and disjoint ones at 1."""
+    grid = np.linspace(-1.0, 4.0, 50001)
+    p = ((grid >= 0) & (grid <= 2)) / 2.0
+    q = ((grid >= 1) & (grid <= 3)) / 2.0
+    r = ((grid >= 3.5) & (grid <= 4.0)) * 2.0
+    dist = hs.density_js_distance(np.stack([p, q, p, r]), grid)
+    assert dist[0, 1] == pytest.approx(np.sqrt(0.5), abs=1e-3)
+    assert dist[0, 2] == 0.0 and dist[0, 3] == pytest.approx(1.0, abs=1e-9)
+    np.testing.assert_array_equal(dist, dist.T)
+    np.testing.assert_array_equal(np.diag(dist), 0.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        hs.density_js_distance(np.stack([p, -q]), grid)
