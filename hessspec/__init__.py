@@ -1,7 +1,11 @@
 """hessspec: matrix-free Hessian eigenspectra of neural networks in JAX."""
 
-from hessspec import distributed
+from hessspec import (
+    _startup,  # noqa: F401 - first: Ctrl-C while `python -m hessspec.run` loads
+    distributed,
+)
 from hessspec.analysis import OutlierSplit, gradient_energy, outlier_split
+from hessspec.checkpoint import Checkpoint, load_checkpoint
 from hessspec.data import (
     Dataset,
     load_cifar10,
@@ -57,6 +61,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CNN",
+    "Checkpoint",
     "MLP",
     "Dataset",
     "LinearModel",
@@ -103,6 +108,7 @@ __all__ = [
     "trace",
     "LinearOperator",
     "as_operator",
+    "load_checkpoint",
     "dataset_gradient",
     "distributed",
     "ggn_operator",
