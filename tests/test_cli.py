@@ -96,13 +96,14 @@ def test_tiny_study_end_to_end(tmp_path, capsys):
            ("train", "eval", "population")}  # fmt: skip
     assert len({round(v, 6) for v in top.values()}) == 3, top
 
-    pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    pngs = sorted(p.name for p in (out / "figures").glob("*.png") if p.name != "old.png")
     assert pngs == sorted(
         ["density.png", "top_eigenvalues.png", "outlier_ratio.png", "gradient_energy.png",
          "loss_curves.png"]
     )  # fmt: skip
-    for p in (out / "figures").glob("*.png"):
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in pngs:
+        assert (out / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "figures" / "old.png").read_bytes() == b"not a png"  # the user's own file
     report = (out / "report.md").read_text()
     for png in pngs:
         assert f"figures/{png}" in report
@@ -300,8 +301,9 @@ def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
     assert (out / "figures" / "density.png").exists()
 
 
-class _Stop(Exception):
-    """Raised by a stand-in to end a CLI run at a chosen point (before any training)."""
+class _Stop(BaseException):
+    """Raised by a stand-in to end a CLI run at a chosen point (before any training); a
+    BaseException, so that the CLI's one-line error handling lets it through."""
 
 
 def _no_training(*args, **kwargs):
