@@ -361,7 +361,8 @@ def _cifar_dir(path) -> Path:
 
 
 #: What a CIFAR-10 pickle batch may name: numpy's array reconstruction (the batches hold a
-#: numpy array under b'data'). Anything else is refused before it is imported or called.
+#: numpy array under b'data') and protocol 2's bytes encoding. Anything else is refused
+#: before it is imported or called.
 _CIFAR_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -369,6 +370,7 @@ _CIFAR_PICKLE_GLOBALS = {
     ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol 2 stores bytes (str -> bytes, nothing else)
 }
 
 

@@ -137,8 +137,11 @@ class TrainingProgress:
                 file=progress.stream,
                 unit="step",
             )
-        elif progress.style == "lines" and self.step:
-            progress.line(f"{desc}: resuming training at step {self.step}/{self.total}")
+        elif progress.style == "lines":
+            if self.step:
+                progress.line(f"{desc}: training resumes at step {self.step}/{self.total}")
+            elif self.total:
+                progress.line(f"{desc}: training {self.total} steps")
 
     def _fraction_after(self, step: int) -> int:
         """The next step at which a tenth of the training is complete."""

@@ -702,8 +702,10 @@ class _CheckpointStore:
                     num_classes=self.setup.train_set.num_classes,
                 )
             self.writer.add_files(self._relative(state.step, net.name))
+            analysis_steps = set(self.setup.checkpoints)
             for step, meta in saved.items():
-                if step < state.step and meta.get("kind") == "interrupt":
+                superseded = meta.get("kind") == "interrupt" and step not in analysis_steps
+                if step < state.step and superseded:
                     path = checkpoint_path(self.folder, step, net.name)
                     shutil.rmtree(path, ignore_errors=True)
                     with contextlib.suppress(OSError):
@@ -793,8 +795,14 @@ def run_study(
     writer.results.setdefault("sessions", []).append(session)
     writer.write_json()
     analyses = _Analyses(setup, writer, show, guard, check_memory=check_memory, tracker=tracker)
-    store = _CheckpointStore(out_dir, setup, writer, guard, write=write)
-    if write:  # imported now, so that saving the state of an interrupted training is quick
+    # A multi-process run saves no checkpoints yet: orbax's saving synchronises every
+    # process, while here process 0 alone writes (and SIGTERM belongs to JAX's preemption
+    # notifier there).
+    import jax
+
+    checkpoints = write and jax.process_count() == 1
+    store = _CheckpointStore(out_dir, setup, writer, guard, write=checkpoints)
+    if checkpoints:  # imported now, so that saving the state of an interrupted run is quick
         import orbax.checkpoint  # noqa: F401
     previous_analysis = float(previous_timing.get("seconds_analysis", 0.0))
 
@@ -979,6 +987,32 @@ ANALYZE_KEYS_PREFIX = "analysis."
 ANALYZE_TOP_KEYS = ("title", "x64")
 
 
+def analysis_plan(
+    setup: StudySetup, run_dir: Path, steps: Sequence[int] | None = None
+) -> dict[str, list[int]]:
+    """``{network: steps}`` that ``analyze RUN_DIR`` analyses: the run's analysis steps
+    with a saved checkpoint (or ``steps``).
+
+    Raises:
+        hessspec.checkpoint.CheckpointError: a network without them, or a step not saved.
+    """
+    from hessspec.checkpoint import CheckpointError, saved_checkpoints
+
+    found = saved_checkpoints(run_dir)
+    plan = {}
+    for net in setup.networks:
+        have = sorted(found.get(net.name, {}))
+        wanted = sorted(steps) if steps else [s for s in have if s in setup.checkpoints]
+        lacking = [s for s in wanted if s not in have]
+        if lacking or not wanted:
+            raise CheckpointError(
+                f"{run_dir} holds no saved checkpoint of {net.name} at step(s) "
+                f"{lacking or setup.checkpoints}; saved steps: {have or 'none'}."
+            )
+        plan[net.name] = wanted
+    return plan
+
+
 def analyze_run(
     setup: StudySetup,
     out_dir: str | Path,
@@ -1017,11 +1051,9 @@ def analyze_run(
         KeyboardInterrupt: after recording the interruption.
     """
     from hessspec.checkpoint import (
-        CheckpointError,
         checkpoint_path,
         load_checkpoint,
         load_params,
-        saved_checkpoints,
     )
     from hessspec.report import ResultsWriter
 
@@ -1031,27 +1063,14 @@ def analyze_run(
     guard = guard if guard is not None else InterruptGuard()
     tracker = _Tracker()
     header = _header(setup, command)
-    plan: dict[str, list[int]] = {}
     if run_dir is not None:
         run_dir = Path(run_dir)
-        found = saved_checkpoints(run_dir)
+        plan = analysis_plan(setup, run_dir, steps)
         header["source"] = {"run_dir": str(run_dir.absolute())}
-        for net in setup.networks:
-            have = sorted(
-                s for s, m in found.get(net.name, {}).items() if m.get("kind") != "interrupt"
-            )
-            wanted = sorted(steps) if steps else [s for s in have if s in setup.checkpoints]
-            lacking = [s for s in wanted if s not in have]
-            if lacking or not wanted:
-                raise CheckpointError(
-                    f"{run_dir} holds no saved checkpoint of {net.name} at step(s) "
-                    f"{lacking or setup.checkpoints}; saved steps: {have or 'none'}."
-                )
-            plan[net.name] = wanted
         header["checkpoint_steps"] = sorted({s for v in plan.values() for s in v})
     else:
         (net,) = setup.networks
-        plan[net.name] = [0]
+        plan = {net.name: [0]}
         header["source"] = {"params_file": str(Path(params_file).absolute())}
         header["checkpoint_steps"] = [0]
     writer = ResultsWriter(out_dir, header, lock=guard.lock)
@@ -1276,7 +1295,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the interrupted or failed run in --out with its own config "
         "(config.toml there): keep its analyses, restore each network's latest saved "
-        "training state and train on, no step twice. Takes no --config/--set/--quick/--seed",
+        "training state and train on, no step twice. Takes no --config, --set, --quick, "
+        "--seed, --memory-limit or --overwrite",
     )
     p.add_argument(
         "--quick",
@@ -1770,6 +1790,12 @@ def run_cli_study(
             )
             for path in folder.removed_temporaries:
                 print(f"hessspec: removed {path} (left by a killed run)", file=sys.stderr)
+            if multi:
+                print(
+                    "hessspec: a multi-process run saves no checkpoints (no --resume, no "
+                    "analyze of this run); results.json, spectra.npz and the report as usual",
+                    file=sys.stderr,
+                )
         # A budget (given, or agreed by all processes) makes the solvers' own checks decide
         # alike everywhere; otherwise each call compares with the memory free when it starts.
         budget = config.analysis.memory_limit_gib or multi
@@ -1911,6 +1937,8 @@ def analyze_cli(args: argparse.Namespace, argv: Sequence[str], guard: InterruptG
     if message:
         raise CLIError(message)
     setup = prepare_study(config)
+    if run_dir is not None:
+        analysis_plan(setup, run_dir, steps)  # refuses missing checkpoints before writing
     preflight = memory_preflight(setup)
     print(preflight.line(), file=sys.stderr)
     if not preflight.fits:

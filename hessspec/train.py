@@ -232,7 +232,8 @@ class LossCurve:
     The training appends each step's loss as a device scalar (no synchronisation); every
     few steps :meth:`flush` copies the pending scalars to the host in one transfer and
     drops them, so the device keeps at most a few hundred scalars and the host 8 bytes per
-    step.
+    step. Every change replaces the whole state in one assignment, so an interrupt (a
+    ``KeyboardInterrupt`` raised anywhere) never loses or duplicates a loss.
 
     Args:
         losses: losses of the steps already taken (a resumed training).
@@ -243,45 +244,51 @@ class LossCurve:
     """
 
     def __init__(self, losses: Any = (), seconds: float = 0.0):
+        self.reset(losses, seconds)
+
+    def reset(self, losses: Any = (), seconds: float = 0.0) -> None:
+        """Start over from ``losses`` (the pending device values are dropped)."""
         initial = np.asarray(losses, dtype=np.float64).reshape(-1)
-        self._chunks: list[np.ndarray] = [initial] if initial.size else []
-        self._flushed = int(initial.size)
-        self._pending: list[jax.Array] = []
+        # (host chunks, number of host losses, pending device scalars)
+        self._state: tuple[tuple[np.ndarray, ...], int, list] = (
+            (initial,) if initial.size else (),
+            int(initial.size),
+            [],
+        )
         self._cache: np.ndarray | None = None
         self.seconds = float(seconds)
 
     def __len__(self) -> int:
         """Steps recorded (flushed or pending)."""
-        return self._flushed + len(self._pending)
+        _, flushed, pending = self._state
+        return flushed + len(pending)
 
     @property
     def pending(self) -> int:
         """Steps whose loss is still on the device."""
-        return len(self._pending)
+        return len(self._state[2])
 
     @property
     def num_flushed(self) -> int:
         """Steps whose loss is on the host."""
-        return self._flushed
+        return self._state[1]
 
     def append(self, value: jax.Array) -> None:
         """Record the loss of the next step (a device scalar; not synchronised)."""
-        self._pending.append(value)
+        self._state[2].append(value)
 
     def flush(self) -> np.ndarray:
         """Copy the pending losses to the host (waits for their steps); returns them."""
-        if not self._pending:
+        chunks, flushed, pending = self._state
+        if not pending:
             return np.zeros(0)
-        pending, self._pending = self._pending, []
+        jax.block_until_ready(pending)  # a wait Ctrl-C can interrupt (device_get's cannot)
         values = np.asarray(jax.device_get(pending), dtype=np.float64).reshape(-1)
-        self._chunks.append(values)
-        self._flushed += values.size
-        self._cache = None
+        chunks = chunks + (values,)
+        if len(chunks) > 64:  # keep the chunk list short
+            chunks = (np.concatenate(chunks),)
+        self._state = (chunks, flushed + values.size, [])
         return values
-
-    def reset(self, losses: Any = (), seconds: float = 0.0) -> None:
-        """Start over from ``losses`` (the pending device values are dropped)."""
-        self.__init__(losses, seconds)
 
     def truncate(self, num_steps: int) -> None:
         """Keep the losses of the first ``num_steps`` steps only."""
@@ -289,17 +296,17 @@ class LossCurve:
             return
         self.flush()
         kept = self.host_losses()[:num_steps].copy()
-        self._chunks = [kept] if kept.size else []
-        self._flushed = int(kept.size)
-        self._cache = None
+        self._state = ((kept,) if kept.size else (), int(kept.size), [])
 
     def host_losses(self) -> np.ndarray:
         """``(F,)`` the losses already on the host (no device access: safe from any
         thread)."""
-        if self._cache is None or self._cache.size != self._flushed:
-            chunks = list(self._chunks)
-            self._cache = np.concatenate(chunks) if chunks else np.zeros(0)
-        return self._cache
+        chunks, flushed, _ = self._state
+        cache = self._cache
+        if cache is None or cache.size != flushed:
+            cache = np.concatenate(chunks) if chunks else np.zeros(0)
+            self._cache = cache
+        return cache
 
     def losses(self) -> np.ndarray:
         """``(T,)`` every loss (flushes first)."""
