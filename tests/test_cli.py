@@ -409,11 +409,8 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
       its results.json equals A's to 1e-6 relative (every checkpoint number and the loss
       curve), and the sessions trained steps 0-11 and 11-16, none twice;
     - ``analyze`` of A with ``analysis.top_k=30`` writes 30 eigenvalues per checkpoint
-      without training, the top ones those of A;
-    - ``analyze --params`` of A's last parameters (saved as .npz) with A's config finds
-      A's last spectrum."""
+      without training, the top ones those of A."""
     import hessspec.train
-    from hessspec.checkpoint import save_params
     from hessspec.report import compare_results
     from hessspec.study import CheckpointAnalyzer
 
@@ -485,15 +482,25 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
             np.testing.assert_allclose(cb["top_eigenvalues"][0], ca["top_eigenvalues"][0],
                                        rtol=1e-4)  # fmt: skip
 
-    params = save_params(tmp_path / "last.npz", hs.load_checkpoint(ref).model())
-    from_params = tmp_path / "from-params"
-    assert main(["analyze", "--params", str(params), "--config", str(ref / "config.toml"),
-                 "--out", str(from_params), "--no-progress"]) == 0  # fmt: skip
-    (run,) = _assert_whole(from_params)["runs"]
-    last = reference["runs"][0]["checkpoints"][-1]
-    np.testing.assert_allclose(run["checkpoints"][0]["top_eigenvalues"][:3],
-                               last["top_eigenvalues"][:3], rtol=1e-4)  # fmt: skip
-    assert run["checkpoints"][0]["step"] == 0 and run["loss_curve"]["loss"] == []
+
+def test_analyze_parameters_trained_elsewhere(tmp_path, fake_analysis, capsys):
+    """``analyze --params FILE --config CFG``: the parameters of the file are the ones
+    analysed (the stand-in analysis measures their norm: it finds the trained network's
+    numbers, not the initial network's), recorded as step 0 without a loss curve."""
+    from hessspec.checkpoint import save_params
+
+    run = tmp_path / "run"
+    assert main([*PLAIN, "--out", str(run)]) == 0
+    params = save_params(tmp_path / "last.npz", hs.load_checkpoint(run).model())
+    out = tmp_path / "from-params"
+    assert main(["analyze", "--params", str(params), "--config", str(run / "config.toml"),
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    (analysed,) = _assert_whole(out)["runs"]
+    trained = load_results(run)[0]["runs"][0]["checkpoints"]
+    assert analysed["checkpoints"][0]["step"] == 0 and analysed["loss_curve"]["loss"] == []
+    assert analysed["checkpoints"][0]["top_eigenvalues"] == trained[-1]["top_eigenvalues"]
+    assert analysed["checkpoints"][0]["top_eigenvalues"] != trained[0]["top_eigenvalues"]
+    assert load_results(out)[0]["source"]["params_file"] == str(params.absolute())
 
 
 def test_interrupt_while_writing_the_output_is_recorded(tmp_path, fake_analysis, monkeypatch,
