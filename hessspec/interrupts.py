@@ -36,6 +36,19 @@ __all__ = ["EXIT_INTERRUPTED", "InterruptGuard"]
 EXIT_INTERRUPTED = 130
 
 
+def _swallows_exceptions(frame) -> bool:
+    """Whether ``frame`` runs code whose exceptions Python ignores: a garbage-collector
+    callback (JAX registers one) or a ``__del__`` method."""
+    import gc
+
+    if frame is None:
+        return False
+    code = frame.f_code
+    if code.co_name == "__del__":
+        return True
+    return any(getattr(callback, "__code__", None) is code for callback in gc.callbacks)
+
+
 class InterruptGuard:
     """Install with ``with InterruptGuard() as guard:`` in the main thread (elsewhere it
     does nothing and signals keep their handlers).
@@ -59,7 +72,7 @@ class InterruptGuard:
     def __init__(
         self,
         *,
-        grace_seconds: float = 1.0,
+        grace_seconds: float = 0.5,
         finish_seconds: float = 60.0,
         message: str = "hessspec.run: interrupted",
     ):
@@ -143,6 +156,13 @@ class InterruptGuard:
             return  # the watchdog ends the process if this is a second signal
         if self._critical:
             self._held = signum
+            return
+        if _swallows_exceptions(frame):
+            # a KeyboardInterrupt raised in a gc callback or a __del__ would be printed
+            # and dropped: deliver the signal again once that code has returned
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+            timer.daemon = True
+            timer.start()
             return
         raise KeyboardInterrupt
 

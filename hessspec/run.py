@@ -1333,7 +1333,7 @@ Analyse saved networks again without training, with other analysis settings.
   python -m hessspec.run analyze RUN_DIR --out NEW [--set analysis.FIELD=VALUE ...]
 
 analyses the checkpoints RUN_DIR/checkpoints/<step>/<network>/ of a run (every analysis
-step, or those of --steps) with the run's config, changed only in analysis.* (and title),
+step, or those of --steps) with the run's config, changed only in analysis.* (and title, x64),
 e.g. --set analysis.top_k=30 or --set analysis.bn_modes=train,eval,population. NEW gets
 results.json, spectra.npz, figures/, report.md and config.toml; the loss curves are the
 run's. RUN_DIR is only read.
@@ -1365,7 +1365,7 @@ def build_analyze_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one config field (with RUN_DIR: analysis.* and title only)",
+        help="override one config field (with RUN_DIR: analysis.*, title and x64 only)",
     )
     p.add_argument(
         "--quick", action="store_true", help="the cheaper analysis settings of the main command"

@@ -124,3 +124,26 @@ def test_a_second_signal_while_finishing_ends_at_once(monkeypatch, no_gc):
         while not events and time.perf_counter() < deadline:
             time.sleep(0.01)
     assert events == [EXIT_INTERRUPTED]
+
+
+def test_an_interrupt_in_a_gc_callback_is_not_lost(no_gc):
+    """Python ignores exceptions raised in garbage-collector callbacks (JAX registers one):
+    a signal handled there is delivered again, so the interrupt still arrives."""
+    entered = []
+
+    def callback(phase, info):
+        if phase == "start" and not entered:
+            entered.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # handled inside this callback
+            for _ in range(1000):
+                pass
+
+    gc.callbacks.append(callback)
+    try:
+        with InterruptGuard():
+            with pytest.raises(KeyboardInterrupt):
+                gc.collect()
+                time.sleep(2)  # the signal comes again once the callback has returned
+    finally:
+        gc.callbacks.remove(callback)
+    assert entered == [1]
