@@ -59,6 +59,7 @@ __all__ = [
     "compare_results",
     "findings",
     "load_results",
+    "prepare_output_dir",
     "spectra_key",
     "validate_results",
     "write_report",
@@ -88,6 +89,41 @@ def _json_ready(x: Any) -> Any:
 def spectra_key(run: str, step: int, name: str) -> str:
     """Name of an array in spectra.npz: ``"<run>/step<step>/<name>"``."""
     return f"{run}/step{int(step)}/{name}"
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """Make sure ``path`` can receive a study's output, for library use
+    (``run_study(setup, prepare_output_dir(path, overwrite=False))``; the CLI uses
+    :class:`hessspec.runfolder.RunFolder`, which also locks the folder and swaps a new run
+    in only when it completes).
+
+    A missing or empty folder is created. A folder holding anything refuses, unless
+    ``overwrite``: then the files its previous run wrote (those its results.json lists) and
+    the temporaries of killed runs are removed, and anything else is left alone.
+
+    Raises:
+        OutputFolderError: non-empty folder without ``overwrite``, or ``path`` is a file.
+    """
+    from hessspec.runfolder import (
+        LOCK_NAME,
+        listed_files,
+        remove_listed_files,
+        remove_stale_temporaries,
+    )
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"output path {str(path)!r} exists and is not a folder.")
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
+        if not overwrite:
+            raise OutputFolderError(
+                f"output folder {str(path)!r} already holds files; pass overwrite=True to "
+                "replace a previous study's output there, or choose another folder."
+            )
+        remove_stale_temporaries(path)
+        remove_listed_files(path, listed_files(path) or [])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class ResultsWriter:

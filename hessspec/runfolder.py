@@ -56,6 +56,7 @@ __all__ = [
     "file_mode",
     "is_disk_full",
     "listed_files",
+    "remove_listed_files",
     "remove_stale_temporaries",
 ]
 
@@ -544,6 +545,23 @@ class RunFolder:
         self.close()
 
 
+def remove_listed_files(folder: str | Path, names: list[str], keep: set[str] = frozenset()):
+    """Remove the files (and ``/``-ended folders) ``names`` lists from ``folder``, but those
+    in ``keep``, and the folders they leave empty; results.json first (the folder stops
+    claiming a run before its files go)."""
+    folder = Path(folder)
+    names = [n for n in names if _safe_relative(n)]
+    ordered = sorted(names, key=lambda n: n.rstrip("/") != RESULTS_NAME)
+    for name in ordered:
+        stripped = name.rstrip("/")
+        if stripped in keep:
+            continue
+        target = folder / stripped
+        if target.exists() or target.is_symlink():
+            _remove(target)
+            _remove_empty_parents(target, folder)
+
+
 def _finish_commit(out_dir: Path, pending: Path) -> None:
     """Carry out (or finish) the swap that ``pending/.hessspec-commit.json`` describes;
     every step may already have been done by an earlier attempt."""
@@ -554,14 +572,7 @@ def _finish_commit(out_dir: Path, pending: Path) -> None:
     if (pending / RESULTS_NAME).exists():
         results.unlink(missing_ok=True)  # the folder stops claiming the previous run first
     new_set = {p.rstrip("/") for p in new}
-    for name in old:
-        stripped = name.rstrip("/")
-        if stripped == RESULTS_NAME or stripped in new_set:
-            continue
-        target = out_dir / stripped
-        if target.exists() or target.is_symlink():
-            _remove(target)
-            _remove_empty_parents(target, out_dir)
+    remove_listed_files(out_dir, old, keep=new_set | {RESULTS_NAME})
     for name in sorted(new, key=lambda p: p.rstrip("/") == RESULTS_NAME):
         stripped = name.rstrip("/")
         source, target = pending / stripped, out_dir / stripped

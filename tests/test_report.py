@@ -15,6 +15,7 @@ from hessspec.report import (
     compare_results,
     findings,
     load_results,
+    prepare_output_dir,
     render_report,
     spectra_key,
     validate_results,
@@ -94,6 +95,37 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
         atomic_write_bytes(path, "not bytes")  # fails while writing the temporary file
     assert path.read_text() == "one"
     assert [p.name for p in path.parent.iterdir()] == ["f.json"]
+
+
+def test_prepare_output_dir(tmp_path):
+    """For library use: an empty or missing folder is fine; one holding files refuses
+    unless overwrite, which removes exactly the files the previous run listed (and the
+    temporaries of killed runs), never the user's own."""
+    from hessspec.runfolder import OutputFolderError
+
+    out = tmp_path / "new" / "deeper"
+    assert prepare_output_dir(out, overwrite=False) == out and out.is_dir()
+    assert prepare_output_dir(out, overwrite=False) == out  # empty: fine
+    _study(out)
+    (out / "figures").mkdir()
+    (out / "figures" / "density.png").write_bytes(b"x")
+    (out / "figures" / "mine.png").write_bytes(b"user")
+    (out / "mine.txt").write_text("keep")
+    (out / ".spectra.npz.abcd1234.tmp").write_bytes(b"half")
+    writer = ResultsWriter.reopen(out)
+    writer.add_files("figures/density.png")
+    writer.write_json()
+    with pytest.raises(OutputFolderError, match="overwrite=True"):
+        prepare_output_dir(out, overwrite=False)
+    assert (out / "results.json").exists()
+    prepare_output_dir(out, overwrite=True)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "figures", "figures/mine.png", "mine.txt"
+    ]  # fmt: skip
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    with pytest.raises(OutputFolderError, match="not a folder"):
+        prepare_output_dir(file, overwrite=True)
 
 
 def test_a_checkpoint_is_listed_only_when_its_arrays_are_on_disk(tmp_path, monkeypatch):
