@@ -93,6 +93,8 @@ class InterruptGuard:
         self._pipe: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._last_signum = signal.SIGINT
+        self._previous_hook = sys.unraisablehook
         self._reacted = threading.Condition()
 
     # -- installation ----------------------------------------------------------------------
@@ -107,6 +109,8 @@ class InterruptGuard:
         self._pipe = (read_fd, write_fd)
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         self._thread = threading.Thread(target=self._watch, name="hessspec-interrupts", daemon=True)
         self._thread.start()
@@ -120,6 +124,7 @@ class InterruptGuard:
         signal.set_wakeup_fd(self._previous_fd if self._previous_fd is not None else -1)
         for signum, previous in self._previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        sys.unraisablehook = self._previous_hook
         read_fd, write_fd = self._pipe
         self._stopping = True
         os.write(write_fd, b"\x00")  # wakes the watchdog, which then stops
@@ -157,14 +162,27 @@ class InterruptGuard:
         if self._critical:
             self._held = signum
             return
+        self._last_signum = signum
         if _swallows_exceptions(frame):
             # a KeyboardInterrupt raised in a gc callback or a __del__ would be printed
             # and dropped: deliver the signal again once that code has returned
-            timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
-            timer.daemon = True
-            timer.start()
+            self._deliver_again()
             return
         raise KeyboardInterrupt
+
+    def _deliver_again(self) -> None:
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), self._last_signum))
+        timer.daemon = True
+        timer.start()
+
+    def _unraisable(self, info) -> None:
+        """``sys.unraisablehook`` while installed: Python dropped an exception it could not
+        raise (one in a weakref callback, a ``__del__``, a gc callback). If that was our
+        interrupt, deliver the signal again instead of printing it."""
+        if info.exc_type is KeyboardInterrupt and self.installed and not self.finishing:
+            self._deliver_again()
+            return
+        self._previous_hook(info)
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:

@@ -147,3 +147,26 @@ def test_an_interrupt_in_a_gc_callback_is_not_lost(no_gc):
     finally:
         gc.callbacks.remove(callback)
     assert entered == [1]
+
+
+def test_an_interrupt_in_a_weakref_callback_is_not_lost(no_gc):
+    """The same for any code whose exceptions Python drops (here a weakref callback): the
+    dropped KeyboardInterrupt is noticed (sys.unraisablehook) and the signal delivered
+    again."""
+    import weakref
+
+    class Thing:
+        pass
+
+    def callback(ref):
+        os.kill(os.getpid(), signal.SIGINT)  # handled inside this callback
+        for _ in range(1000):
+            pass
+
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    with InterruptGuard():
+        with pytest.raises(KeyboardInterrupt):
+            del thing  # runs the callback
+            time.sleep(2)  # the signal comes again once the callback has returned
+    assert ref() is None
