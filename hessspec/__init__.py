@@ -1,6 +1,9 @@
 """hessspec: matrix-free Hessian eigenspectra of neural networks in JAX."""
 
-from hessspec import distributed
+from hessspec import (
+    _startup,  # noqa: F401 - first: Ctrl-C while `python -m hessspec.run` loads
+    distributed,
+)
 from hessspec.analysis import (
     OutlierSplit,
     density_js_distance,
@@ -9,6 +12,7 @@ from hessspec.analysis import (
     subspace_overlap,
 )
 from hessspec.blocks import BlockSpectra, BlockSpectrum, block_spectra, layer_blocks
+from hessspec.checkpoint import Checkpoint, load_checkpoint
 from hessspec.compilation_cache import enable_compilation_cache
 from hessspec.data import (
     Dataset,
@@ -70,6 +74,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CNN",
+    "Checkpoint",
     "MLP",
     "Dataset",
     "LinearModel",
@@ -123,6 +128,7 @@ __all__ = [
     "trace",
     "LinearOperator",
     "as_operator",
+    "load_checkpoint",
     "dataset_gradient",
     "enable_compilation_cache",
     "distributed",

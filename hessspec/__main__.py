@@ -1,5 +1,5 @@
 """``python -m hessspec``: the same command line as ``python -m hessspec.run``."""
 
-from hessspec.run import main
+from hessspec.run import run_as_command
 
-raise SystemExit(main())
+run_as_command()

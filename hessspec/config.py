@@ -46,6 +46,7 @@ __all__ = [
     "config_to_dict",
     "describe_fields",
     "load_config",
+    "read_toml",
     "to_toml",
     "validate",
 ]
@@ -63,6 +64,8 @@ TRACE_METHODS = ("hutch++", "hutchinson")
 DTYPES = ("float32", "float64")
 BASIS_DTYPES = ("", "float32", "float64")
 BASIS_MEMORIES = ("device", "host")
+#: Seeds are non-negative and fit in 32 bits (numpy, scikit-learn and JAX all take them).
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -469,21 +472,48 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return config_to_mapping(config)
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The parsed contents of a TOML config file: the one reader of every study's config.
+
+    Raises:
+        ConfigError: the file is missing, is a folder, cannot be read, is not UTF-8 text or
+            is not valid TOML (the message names the file and the problem).
+    """
+    path = Path(path).expanduser()
+    name = repr(str(path))
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {name} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"config file {name} is a folder; pass a TOML file, e.g. experiments/digits_mlp.toml."
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"config file {name} cannot be read: {e.strerror or e}.") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {name} is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); "
+            "save it as UTF-8."
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {name} is not valid TOML: {e}.") from None
+
+
 def load_config(path: str | Path) -> Config:
     """Read a TOML file into a :class:`Config` (absent keys keep their defaults).
 
     Raises:
-        ConfigError: the file is missing or not valid TOML, or has an unknown key or a
-            value of the wrong type (the message names the file and the key).
+        ConfigError: the file cannot be read (:func:`read_toml`), or has an unknown key or
+            a value of the wrong type (the message names the file and the key).
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            values = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist.") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}.") from None
+    values = read_toml(path)
     try:
         return config_from_dict(values)
     except ConfigError as e:
@@ -579,6 +609,9 @@ def validate(config: Config) -> Config:
         ConfigError: the first problem found, naming the key.
     """
     d, m, t, a = config.data, config.model, config.train, config.analysis
+    for key, seed in (("seed", config.seed), ("data.split_seed", d.split_seed)):
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"config key {key!r} must lie in [0, {MAX_SEED}], got {seed}.")
     _check_choice(d.name, DATASETS, "data.name")
     _check_choice(d.preprocessing, PREPROCESSING, "data.preprocessing")
     if d.name == "digits" and d.path:

@@ -360,6 +360,31 @@ def _cifar_dir(path) -> Path:
     )
 
 
+#: What a CIFAR-10 pickle batch may name: numpy's array reconstruction (the batches hold a
+#: numpy array under b'data') and protocol 2's bytes encoding. Anything else is refused
+#: before it is imported or called.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol 2 stores bytes (str -> bytes, nothing else)
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only (see :data:`_CIFAR_PICKLE_GLOBALS`)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"it names {module}.{name}, which a CIFAR-10 batch never holds"
+        )
+
+
 def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
     if not file.is_file():
         raise FileNotFoundError(
@@ -367,9 +392,15 @@ def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     try:
         with open(file, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise ValueError(f"{file}: not a readable CIFAR-10 pickle batch ({e}).") from e
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except OSError as e:
+        raise ValueError(f"{file}: cannot be read ({e.strerror or e}).") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle fails in many ways
+        # (UnpicklingError, EOFError, MemoryError, OverflowError, TypeError, ...)
+        raise ValueError(
+            f"{file}: not a readable CIFAR-10 pickle batch ({type(e).__name__}: {e}). "
+            f"{_CIFAR_LAYOUT}"
+        ) from None
     if not isinstance(d, dict):
         raise ValueError(f"{file}: expected a pickled dict, got {type(d).__name__}.")
 
@@ -379,8 +410,15 @@ def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
                 return d[k]
         raise ValueError(f"{file}: the pickled dict has no {key!r} entry (keys: {list(d)}).")
 
-    data = np.asarray(get("data"))
-    labels = np.asarray(get("labels"), dtype=np.int64)
+    data, labels = get("data"), get("labels")
+    try:
+        data = np.asarray(data)
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError, MemoryError) as e:
+        raise ValueError(
+            f"{file}: 'data' and 'labels' must be a uint8 array and a list of ints "
+            f"({type(e).__name__}: {e})."
+        ) from None
     if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
         raise ValueError(
             f"{file}: 'data' must be a uint8 array of shape (n, 3072), "
@@ -662,7 +700,13 @@ def subsample(dataset: Dataset, n: int, seed: int = 0, stratify: bool = False) -
         n: subset size, ``1 <= n <= N``; ``n == N`` returns every example.
         seed: seed of the choice (deterministic).
         stratify: for classification, keep the class proportions (rounded so that the
-            sizes sum to ``n``; ``sklearn.model_selection.train_test_split``).
+            sizes sum to ``n``; ``sklearn.model_selection.train_test_split``). ``n`` must
+            be at least the number of classes; when fewer than that many examples are left
+            out, they are chosen at random instead.
+
+    Raises:
+        ValueError: ``n`` outside ``[1, N]``, or a stratified ``n`` below the number of
+            classes.
 
     Returns:
         Dataset of ``n`` examples; ``info["indices"]`` holds their indices in ``dataset``.
@@ -675,6 +719,17 @@ def subsample(dataset: Dataset, n: int, seed: int = 0, stratify: bool = False) -
     elif stratify:
         if not dataset.is_classification:
             raise ValueError("stratify=True needs a classification dataset.")
+        classes = int(np.unique(dataset.y).size)
+        if n < classes:
+            raise ValueError(
+                f"a stratified subset of {n} examples cannot hold one example of each of the "
+                f"{classes} classes; take at least {classes}."
+            )
+        if total - n < classes:  # sklearn needs a class-complete rest too: drop at random
+            drop = np.random.default_rng(seed).choice(total, size=total - n, replace=False)
+            idx = np.setdiff1d(np.arange(total), drop)
+            sub = dataset.take(idx, name=f"{dataset.name}[{n}]")
+            return dataclasses.replace(sub, info={**dataset.info, "indices": idx})
         from sklearn.model_selection import train_test_split
 
         idx, _ = train_test_split(

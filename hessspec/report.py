@@ -1,13 +1,17 @@
-"""The output folder of a study: results.json, spectra.npz, figures/*.png and report.md.
+"""The output of a study: results.json, spectra.npz, figures/*.png and report.md.
 
-Every file is written atomically (to a temporary file in the same folder, flushed, then
-``os.replace``), so a reader or an interrupted run never sees a half-written file, and
-``results.json`` / ``spectra.npz`` are rewritten after every checkpoint: an interrupted run
-keeps everything it measured.
+Every file is written atomically (:func:`hessspec.runfolder.atomic_write_bytes`), so a
+reader or an interrupted run never sees a half-written file. ``results.json`` and
+``spectra.npz`` are rewritten after every checkpoint (spectra.npz first: results.json only
+ever lists checkpoints whose arrays are on disk), so an interrupted run keeps everything it
+measured; results.json is the last file a run writes, and its ``"files"`` lists every file
+the run wrote (checkpoint folders end with ``/``).
 
 ``results.json`` (see :data:`RESULTS_SCHEMA` and :func:`validate_results`)::
 
     {"hessspec_version": str, "status": "running" | "complete" | "interrupted" | "failed",
+     "stopped_during": "start-up" | "training" | "analysis" | "writing the output" (not
+                       complete only), "error": str | null,
      "config": {...the whole config...}, "data": {...}, "settings": {...},
      "runs": [{"name": str, "model": str, "batchnorm": bool,
                "bn_mode": "train" | "eval" | "population" | null,
@@ -21,7 +25,9 @@ keeps everything it measured.
                                 "gradient_energy_minibatch_mean": [...],
                                 "gradient_energy_minibatch_std": [...],
                                 "density_sigma": float, ...}]}],
-     "timing": {...}}
+     "sessions": [{"started": str, "command": str, "resumed": bool,
+                   "trained": {network: [first step, last step]}, "status": str}],
+     "files": [...], "timing": {...}}
 
 Non-finite numbers are written as ``null``. ``spectra.npz`` holds, per run and checkpoint,
 the arrays named ``"<run>/step<step>/<array>"`` (``nodes``, ``weights``, ``eigenvalues``,
@@ -34,21 +40,23 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hessspec.runfolder import OutputFolderError, atomic_write_bytes, atomic_write_text
+
 __all__ = [
-    "OUTPUT_FILES",
+    "FIGURES_DIR",
     "OutputFolderError",
     "RESULTS_SCHEMA",
     "ResultsWriter",
     "atomic_write_bytes",
     "atomic_write_text",
+    "compare_results",
     "findings",
     "load_results",
     "prepare_output_dir",
@@ -57,38 +65,7 @@ __all__ = [
     "write_report",
 ]
 
-#: Files (and the figures folder) a study writes; ``--overwrite`` removes exactly these.
-OUTPUT_FILES = ("results.json", "spectra.npz", "report.md", "config.toml")
 FIGURES_DIR = "figures"
-
-
-class OutputFolderError(RuntimeError):
-    """The output folder exists and holds files, and overwriting was not asked for."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync,
-    ``os.replace``. A crash leaves either the old file or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """:func:`atomic_write_bytes` of UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _json_ready(x: Any) -> Any:
@@ -115,101 +92,226 @@ def spectra_key(run: str, step: int, name: str) -> str:
 
 
 def prepare_output_dir(path: str | Path, overwrite: bool) -> Path:
-    """Make sure ``path`` can receive a study's output.
+    """Make sure ``path`` can receive a study's output, for library use
+    (``run_study(setup, prepare_output_dir(path, overwrite=False))``; the CLI uses
+    :class:`hessspec.runfolder.RunFolder`, which also locks the folder and swaps a new run
+    in only when it completes).
 
-    A missing or empty folder is fine (created). A folder holding anything refuses, unless
-    ``overwrite``: then the files a study writes (:data:`OUTPUT_FILES` and the figures
-    folder's PNGs) are removed and anything else is left alone.
+    A missing or empty folder is created. A folder holding anything refuses, unless
+    ``overwrite``: then the files its previous run wrote (those its results.json lists) and
+    the temporaries of killed runs are removed, and anything else is left alone.
 
     Raises:
         OutputFolderError: non-empty folder without ``overwrite``, or ``path`` is a file.
     """
+    from hessspec.runfolder import (
+        LOCK_NAME,
+        listed_files,
+        remove_listed_files,
+        remove_stale_temporaries,
+    )
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputFolderError(f"output path {str(path)!r} exists and is not a folder.")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
         if not overwrite:
             raise OutputFolderError(
-                f"output folder {str(path)!r} already holds files; pass --overwrite to replace "
-                "a previous study's output there, or choose another folder with --out."
+                f"output folder {str(path)!r} already holds files; pass overwrite=True to "
+                "replace a previous study's output there, or choose another folder."
             )
-        for name in OUTPUT_FILES:
-            (path / name).unlink(missing_ok=True)
-        figures = path / FIGURES_DIR
-        if figures.is_dir():
-            for png in figures.glob("*.png"):
-                png.unlink()
+        remove_stale_temporaries(path)
+        remove_listed_files(path, listed_files(path) or [])
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 class ResultsWriter:
     """Accumulates runs and checkpoints and rewrites results.json and spectra.npz after
-    each change (atomically).
+    each change (atomically; spectra.npz first).
+
+    A checkpoint is recorded only once its arrays are on disk: when writing spectra.npz
+    fails (a full disk), nothing changes, in memory or on disk, and the error propagates.
+    Every change happens under :attr:`lock` (shared with
+    :class:`hessspec.interrupts.InterruptGuard`, whose watchdog may write results.json from
+    another thread).
 
     Args:
-        out_dir: the output folder (already prepared).
+        out_dir: the folder written to.
         header: top-level entries of results.json (version, config, data, settings, ...).
         write: False keeps everything in memory and writes no file (the processes other
             than process 0 of a multi-process run, which compute the same results).
+        lock: the lock to change state under (default: a new one).
     """
 
-    def __init__(self, out_dir: str | Path, header: Mapping[str, Any], *, write: bool = True):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        header: Mapping[str, Any],
+        *,
+        write: bool = True,
+        lock: Any = None,
+    ):
         self.out_dir = Path(out_dir)
         self.write = bool(write)
-        self.results: dict[str, Any] = {**_json_ready(dict(header)), "runs": []}
+        self.lock = lock if lock is not None else threading.RLock()
+        self.results: dict[str, Any] = {**_json_ready(dict(header))}
+        self.results.setdefault("runs", [])
         self.results.setdefault("status", "running")
         self.arrays: dict[str, np.ndarray] = {}
+        self.files: set[str] = set(self.results.pop("files", []) or [])
+
+    @classmethod
+    def reopen(cls, out_dir: str | Path, *, write: bool = True, lock: Any = None):
+        """The writer of an existing run folder (to continue it): its results.json and the
+        arrays of its spectra.npz.
+
+        Raises:
+            OutputFolderError: results.json missing or unreadable.
+        """
+        out_dir = Path(out_dir)
+        try:
+            results, arrays = load_results(out_dir)
+        except (OSError, ValueError) as e:
+            raise OutputFolderError(
+                f"cannot continue the run in {out_dir}: its results.json cannot be read ({e})."
+            ) from None
+        if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+            raise OutputFolderError(
+                f"cannot continue the run in {out_dir}: its results.json is not a hessspec "
+                "results file."
+            )
+        writer = cls(out_dir, results, write=write, lock=lock)
+        # only the arrays of checkpoints results.json lists (a failed write may have left more)
+        listed = {
+            (run["name"], int(c["step"]))
+            for run in writer.results["runs"]
+            for c in run.get("checkpoints", [])
+        }
+        for key, value in arrays.items():
+            name, step, _ = _split_key(key)
+            if (name, step) in listed:
+                writer.arrays[key] = value
+        return writer
+
+    def run_index(self, name: str) -> int | None:
+        """Index of the run named ``name``, or None."""
+        for i, run in enumerate(self.results["runs"]):
+            if run["name"] == name:
+                return i
+        return None
 
     def add_run(self, run: Mapping[str, Any]) -> int:
-        """Append a run (``name``, ``batchnorm``, ``bn_mode``, ...); returns its index."""
-        entry = {**_json_ready(dict(run)), "checkpoints": []}
-        entry.setdefault("loss_curve", {"step": [], "loss": []})
-        self.results["runs"].append(entry)
-        return len(self.results["runs"]) - 1
+        """Append a run (``name``, ``batchnorm``, ``bn_mode``, ...); returns its index (an
+        existing run of the same name is kept, its entries updated)."""
+        with self.lock:
+            entry = _json_ready(dict(run))
+            index = self.run_index(entry["name"])
+            if index is not None:
+                self.results["runs"][index].update(
+                    {k: v for k, v in entry.items() if k not in ("checkpoints", "loss_curve")}
+                )
+                return index
+            entry["checkpoints"] = []
+            entry.setdefault("loss_curve", {"step": [], "loss": []})
+            self.results["runs"].append(entry)
+            return len(self.results["runs"]) - 1
+
+    def analysed_steps(self, run_index: int) -> set[int]:
+        """Steps of the checkpoints a run has recorded."""
+        return {int(c["step"]) for c in self.results["runs"][run_index]["checkpoints"]}
 
     def add_checkpoint(
         self, run_index: int, step: int, record: Mapping[str, Any], arrays: Mapping[str, Any]
     ) -> None:
-        """Record one checkpoint of a run and write both files."""
-        run = self.results["runs"][run_index]
-        run["checkpoints"].append({"step": int(step), **_json_ready(dict(record))})
-        for name, value in arrays.items():
-            self.arrays[spectra_key(run["name"], step, name)] = np.asarray(value)
-        self.flush()
+        """Record one checkpoint of a run: spectra.npz with its arrays first, then
+        results.json. If spectra.npz cannot be written nothing is recorded.
 
-    def set_loss_curve(self, run_index: int, steps: Any, losses: Any) -> None:
-        """Store a run's training loss curve (mini-batch loss per step) and write."""
-        self.results["runs"][run_index]["loss_curve"] = {
-            "step": _json_ready(np.asarray(steps).astype(int)),
-            "loss": _json_ready(np.asarray(losses, dtype=np.float64)),
-        }
-        self.write_json()
+        Raises:
+            hessspec.runfolder.OutputWriteError: a file could not be written.
+        """
+        with self.lock:
+            run = self.results["runs"][run_index]
+            new_arrays = dict(self.arrays)
+            for name, value in arrays.items():
+                new_arrays[spectra_key(run["name"], step, name)] = np.asarray(value)
+            if self.write:
+                self._write_npz(new_arrays)
+                self.files.add("spectra.npz")
+            self.arrays = new_arrays
+            checkpoints = [c for c in run["checkpoints"] if int(c["step"]) != int(step)]
+            checkpoints.append({"step": int(step), **_json_ready(dict(record))})
+            run["checkpoints"] = sorted(checkpoints, key=lambda c: c["step"])
+            self.write_json()
 
-    def update(self, **entries: Any) -> None:
-        """Set top-level entries of results.json and write it."""
-        self.results.update(_json_ready(entries))
-        self.write_json()
+    def set_loss_curve(
+        self, run_index: int, steps: Any, losses: Any, *, write: bool = True
+    ) -> None:
+        """Store a run's training loss curve (mini-batch loss per step); write unless
+        ``write`` is False."""
+        with self.lock:
+            steps = np.asarray(steps).astype(int)
+            losses = np.asarray(losses, dtype=np.float64)
+            self.results["runs"][run_index]["loss_curve"] = {
+                "step": steps.tolist(),
+                "loss": [v if math.isfinite(v) else None for v in losses.tolist()],
+            }
+            if write:
+                self.write_json()
+
+    def add_files(self, *names: str) -> None:
+        """Names (relative to the folder; folders end with ``/``) of files this run wrote;
+        results.json lists them from its next write."""
+        with self.lock:
+            self.files.update(names)
+
+    def remove_files(self, *names: str) -> None:
+        """Names of files this run removed again."""
+        with self.lock:
+            self.files.difference_update(names)
+
+    def update(self, *, write: bool = True, **entries: Any) -> None:
+        """Set top-level entries of results.json and write it (unless ``write`` is False)."""
+        with self.lock:
+            self.results.update(_json_ready(entries))
+            if write:
+                self.write_json()
+
+    def listed_files(self) -> list[str]:
+        """The ``"files"`` of results.json: every file written, and results.json itself."""
+        return sorted(self.files | {"results.json"})
 
     def write_json(self) -> None:
         """Write results.json (atomically; nothing when ``write`` is off)."""
         if not self.write:
             return
-        text = json.dumps(self.results, indent=1, allow_nan=False)
-        atomic_write_text(self.out_dir / "results.json", text + "\n")
+        with self.lock:
+            self.results["files"] = self.listed_files()
+            text = json.dumps(self.results, indent=1, allow_nan=False)
+            atomic_write_text(self.out_dir / "results.json", text + "\n")
+
+    def _write_npz(self, arrays: Mapping[str, np.ndarray]) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(self.out_dir / "spectra.npz", buf.getvalue())
 
     def write_npz(self) -> None:
         """Write spectra.npz (atomically; nothing when ``write`` is off)."""
-        if not self.write:
-            return
-        buf = io.BytesIO()
-        np.savez(buf, **self.arrays)
-        atomic_write_bytes(self.out_dir / "spectra.npz", buf.getvalue())
+        if self.write:
+            with self.lock:
+                self._write_npz(self.arrays)
+                self.files.add("spectra.npz")
 
     def flush(self) -> None:
         """Write both files."""
         self.write_npz()
         self.write_json()
+
+
+def _split_key(key: str) -> tuple[str, int, str]:
+    """``(run, step, array)`` of a spectra.npz name (inverse of :func:`spectra_key`)."""
+    run, step, name = key.rsplit("/", 2)
+    return run, int(step.removeprefix("step")), name
 
 
 def load_results(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -223,6 +325,69 @@ def load_results(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndar
         with np.load(out_dir / "spectra.npz") as z:
             spectra = {k: z[k] for k in z.files}
     return results, spectra
+
+
+#: Entries of a checkpoint record that measure time, not the network (left out by
+#: :func:`compare_results`).
+_TIMING_KEYS = frozenset({"seconds"})
+
+
+def compare_results(a: Mapping[str, Any], b: Mapping[str, Any], *, rtol: float = 1e-6) -> list[str]:
+    """Where two results differ in what they measured: every run's loss curve and every
+    number of every checkpoint (timings left out), compared to ``rtol`` relative
+    (``|x - y| <= rtol * max(|x|, |y|)``; nulls must match).
+
+    Returns:
+        One line per difference (empty: the same results), e.g.
+        ``"mlp step 250 top_eigenvalues[3]: 1.2345 vs 1.2346"``.
+    """
+    problems: list[str] = []
+
+    def close(x, y) -> bool:
+        if x is None or y is None:
+            return x is y
+        return abs(x - y) <= rtol * max(abs(x), abs(y))
+
+    def walk(x, y, where):
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            for k in sorted(set(x) | set(y)):
+                if k in _TIMING_KEYS:
+                    continue
+                if k not in x or k not in y:
+                    problems.append(
+                        f"{where} {k}: only in {'the first' if k in x else 'the second'}"
+                    )
+                else:
+                    walk(x[k], y[k], f"{where} {k}")
+        elif isinstance(x, list) and isinstance(y, list):
+            if len(x) != len(y):
+                problems.append(f"{where}: {len(x)} vs {len(y)} entries")
+                return
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                walk(u, v, f"{where}[{i}]")
+        elif isinstance(x, bool) or isinstance(y, bool) or isinstance(x, str):
+            if x != y:
+                problems.append(f"{where}: {x!r} vs {y!r}")
+        elif isinstance(x, int | float | None) and isinstance(y, int | float | None):
+            if not close(x, y):
+                problems.append(f"{where}: {x!r} vs {y!r}")
+        elif x != y:
+            problems.append(f"{where}: {x!r} vs {y!r}")
+
+    runs_a = {r["name"]: r for r in a.get("runs", [])}
+    runs_b = {r["name"]: r for r in b.get("runs", [])}
+    if set(runs_a) != set(runs_b):
+        problems.append(f"runs: {sorted(runs_a)} vs {sorted(runs_b)}")
+    for name in sorted(set(runs_a) & set(runs_b)):
+        ra, rb = runs_a[name], runs_b[name]
+        walk(ra.get("loss_curve"), rb.get("loss_curve"), f"{name} loss_curve")
+        steps_a = {c["step"]: c for c in ra.get("checkpoints", [])}
+        steps_b = {c["step"]: c for c in rb.get("checkpoints", [])}
+        if set(steps_a) != set(steps_b):
+            problems.append(f"{name} checkpoints: {sorted(steps_a)} vs {sorted(steps_b)}")
+        for step in sorted(set(steps_a) & set(steps_b)):
+            walk(steps_a[step], steps_b[step], f"{name} step {step}")
+    return problems
 
 
 # --------------------------------------------------------------------------------------
@@ -480,7 +645,17 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str]) -> str
     lines = [f"# {cfg.get('title', 'hessspec study')}", ""]
     status = results.get("status")
     if status != "complete":
-        lines += [f"**Status: {status}** — the numbers below cover what was measured.", ""]
+        during = results.get("stopped_during")
+        why = f" during {during}" if during else ""
+        error = results.get("error")
+        lines += [
+            f"**Status: {status}{why}** — the numbers below cover what was measured."
+            + (f" Error: {error}" if error else ""),
+            "",
+        ]
+    if results.get("source"):
+        src = results["source"]
+        lines += [f"Re-analysis of {src.get('run_dir') or src.get('params_file')}.", ""]
     lines += [
         f"hessspec {results.get('hessspec_version')}; command: `{results.get('command', '')}`",
         "",
@@ -568,12 +743,16 @@ def write_report(
     out_dir: str | Path,
     results: Mapping[str, Any] | None = None,
     spectra: Mapping[str, np.ndarray] | None = None,
+    *,
+    on_written: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
-    """Draw the figures into ``out_dir/figures`` and write ``out_dir/report.md``.
+    """Draw the figures into ``out_dir/figures`` and write ``out_dir/report.md`` (last).
 
     Args:
         out_dir: the output folder.
         results, spectra: the study's results and arrays; read from the folder if None.
+        on_written: called with each file's path relative to ``out_dir`` once it is
+            written (so that a caller interrupted half-way knows what exists).
 
     Returns:
         Figure captions mapped to their paths relative to ``out_dir``.
@@ -594,5 +773,9 @@ def write_report(
         plt.close(fig)
         atomic_write_bytes(out_dir / FIGURES_DIR / f"{name}.png", buf.getvalue())
         rel[caption] = f"{FIGURES_DIR}/{name}.png"
+        if on_written is not None:
+            on_written(rel[caption])
     atomic_write_text(out_dir / "report.md", render_report(results, rel))
+    if on_written is not None:
+        on_written("report.md")
     return rel

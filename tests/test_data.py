@@ -326,3 +326,49 @@ def test_batches_cover_epoch():
     assert [b["x"].shape[0] for b in hd.batches(ds, 4, drop_remainder=True)] == [4, 4]
     xs = np.concatenate([b["x"] for b in hd.batches(ds, 3, seed=0)])
     assert sorted(map(tuple, xs)) == sorted(map(tuple, ds.x))
+
+
+def test_cifar10_corrupt_pickles_are_named_never_escaped(tmp_path, rng):
+    """Random corruptions of a batch's pickle header (a byte of the first 200 changed, one
+    to four times, 300 tries) and pickles naming other globals all end in one ValueError
+    naming the file: none escapes as AttributeError, ModuleNotFoundError, TypeError,
+    MemoryError or OverflowError, and nothing but numpy's array reconstruction is imported
+    or called."""
+    import os
+    import random
+
+    good = pickle.dumps(
+        {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]},
+        protocol=2,
+    )
+    (tmp_path / "test_batch").write_bytes(good)
+    assert hd._read_cifar_batch(tmp_path / "test_batch")[0].shape == (4, 32, 32, 3)
+    chooser = random.Random(0)
+    for _ in range(300):
+        corrupt = bytearray(good)
+        for _ in range(chooser.randint(1, 4)):
+            corrupt[chooser.randrange(200)] = chooser.randrange(256)
+        (tmp_path / "test_batch").write_bytes(bytes(corrupt))
+        try:
+            hd._read_cifar_batch(tmp_path / "test_batch")
+        except ValueError as e:
+            assert "test_batch" in str(e)
+    for hostile in (pickle.dumps(os.system), pickle.dumps({b"data": os.getcwd})):
+        (tmp_path / "test_batch").write_bytes(hostile)
+        with pytest.raises(ValueError, match=r"names posix\.(system|getcwd), which a CIFAR-10"):
+            hd._read_cifar_batch(tmp_path / "test_batch")
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": [2**80], b"labels": [2**70]}))
+    with pytest.raises(ValueError, match="test_batch"):
+        hd._read_cifar_batch(tmp_path / "test_batch")
+
+
+def test_stratified_subsets_at_the_edges():
+    """A stratified subset needs one example per class (a clear error below that); one
+    that leaves out fewer examples than there are classes still works (random drop)."""
+    digits = hd.load_digits("train")
+    n = digits.num_examples
+    with pytest.raises(ValueError, match="one example of each of the 10 classes; take at least"):
+        hd.subsample(digits, 5, stratify=True)
+    assert np.unique(hd.subsample(digits, 10, stratify=True).y).size == 10
+    almost = hd.subsample(digits, n - 3, seed=1, stratify=True)
+    assert almost.num_examples == n - 3 and np.unique(almost.info["indices"]).size == n - 3

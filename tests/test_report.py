@@ -1,16 +1,18 @@
-"""The output folder: atomic writes, refusing to overwrite, the results.json schema, the
-findings, report.md and the figures, on constructed results (no training)."""
+"""The output files: atomic writes, the results writer (a checkpoint is listed only once
+its arrays are on disk), the results.json schema, the findings, report.md and the figures,
+on constructed results (no training)."""
 
+import errno
 import json
 
 import numpy as np
 import pytest
 
 from hessspec.report import (
-    OutputFolderError,
     ResultsWriter,
     atomic_write_bytes,
     atomic_write_text,
+    compare_results,
     findings,
     load_results,
     prepare_output_dir,
@@ -96,22 +98,94 @@ def test_atomic_writes_leave_no_partial_file(tmp_path):
 
 
 def test_prepare_output_dir(tmp_path):
+    """For library use: an empty or missing folder is fine; one holding files refuses
+    unless overwrite, which removes exactly the files the previous run listed (and the
+    temporaries of killed runs), never the user's own."""
+    from hessspec.runfolder import OutputFolderError
+
     out = tmp_path / "new" / "deeper"
     assert prepare_output_dir(out, overwrite=False) == out and out.is_dir()
     assert prepare_output_dir(out, overwrite=False) == out  # empty: fine
-    (out / "results.json").write_text("{}")
+    _study(out)
     (out / "figures").mkdir()
     (out / "figures" / "density.png").write_bytes(b"x")
+    (out / "figures" / "mine.png").write_bytes(b"user")
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(OutputFolderError, match="--overwrite"):
+    (out / ".spectra.npz.abcd1234.tmp").write_bytes(b"half")
+    writer = ResultsWriter.reopen(out)
+    writer.add_files("figures/density.png")
+    writer.write_json()
+    with pytest.raises(OutputFolderError, match="overwrite=True"):
         prepare_output_dir(out, overwrite=False)
     assert (out / "results.json").exists()
     prepare_output_dir(out, overwrite=True)
-    assert sorted(p.name for p in out.rglob("*")) == ["figures", "mine.txt"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "figures", "figures/mine.png", "mine.txt"
+    ]  # fmt: skip
     file = tmp_path / "a_file"
     file.write_text("x")
     with pytest.raises(OutputFolderError, match="not a folder"):
         prepare_output_dir(file, overwrite=True)
+
+
+def test_a_checkpoint_is_listed_only_when_its_arrays_are_on_disk(tmp_path, monkeypatch):
+    """A full disk while spectra.npz is written: nothing changes (results.json still lists
+    the steps spectra.npz holds, in memory and on disk); the error names the file."""
+    from hessspec import runfolder
+
+    writer = _study(tmp_path)
+    before = (tmp_path / "results.json").read_text()
+    real = runfolder.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runfolder.os, "fsync", full)
+    record = _checkpoint(20, [2.0, 1.9, 1.8, 1.7, 1.6, 1.5], [0.1] * 6, np.random.default_rng(1))
+    with pytest.raises(runfolder.OutputWriteError, match="no space left.*spectra.npz"):
+        writer.add_checkpoint(0, 20, record, {"eigenvalues": np.ones(6)})
+    monkeypatch.setattr(runfolder.os, "fsync", real)
+    assert [c["step"] for c in writer.results["runs"][0]["checkpoints"]] == [0, 10]
+    assert not any("step20" in k for k in writer.arrays)
+    assert (tmp_path / "results.json").read_text() == before
+    results, spectra = load_results(tmp_path)
+    listed = {(r["name"], c["step"]) for r in results["runs"] for c in r["checkpoints"]}
+    stored = {(k.split("/")[0], int(k.split("/")[1][4:])) for k in spectra}
+    assert listed == stored
+    assert not list(tmp_path.glob(".*.tmp"))
+    # the next write lists every file, results.json included
+    writer.add_files("figures/density.png")
+    writer.write_json()
+    assert json.loads((tmp_path / "results.json").read_text())["files"] == [
+        "figures/density.png", "results.json", "spectra.npz"
+    ]  # fmt: skip
+
+
+def test_reopen_keeps_listed_checkpoints_only(tmp_path):
+    """A run continued from its folder gets back its results and exactly the arrays of the
+    checkpoints results.json lists (a failed write may have left more in spectra.npz)."""
+    writer = _study(tmp_path)
+    writer.arrays[spectra_key("mlp", 20, "eigenvalues")] = np.ones(3)  # not listed
+    writer.write_npz()
+    again = ResultsWriter.reopen(tmp_path)
+    assert again.results["runs"] == json.loads(json.dumps(writer.results["runs"]))
+    assert set(again.arrays) == set(writer.arrays) - {spectra_key("mlp", 20, "eigenvalues")}
+    assert again.run_index("mlp-bn-train") == 1 and again.analysed_steps(1) == {0, 10}
+    assert again.add_run({"name": "mlp", "batchnorm": False, "bn_mode": None}) == 0
+
+
+def test_compare_results(tmp_path):
+    results, _ = load_results(_study(tmp_path).out_dir)
+    other = json.loads(json.dumps(results))
+    assert compare_results(results, other) == []
+    other["runs"][0]["checkpoints"][1]["top_eigenvalues"][2] *= 1 + 1e-7
+    other["runs"][0]["checkpoints"][1]["seconds"] = 99.0  # timings are not compared
+    assert compare_results(results, other, rtol=1e-6) == []
+    other["runs"][0]["checkpoints"][1]["top_eigenvalues"][2] *= 1 + 1e-5
+    (problem,) = compare_results(results, other, rtol=1e-6)
+    assert problem.startswith("mlp step 10 top_eigenvalues[2]:")
+    other["runs"][1]["loss_curve"]["loss"].pop()
+    assert "mlp-bn-train loss_curve loss: 10 vs 9 entries" in compare_results(results, other)
 
 
 def test_writer_files_roundtrip_and_validate(tmp_path):
@@ -185,7 +259,10 @@ def test_report_of_an_interrupted_run(tmp_path):
     writer = ResultsWriter(tmp_path, {"hessspec_version": "x", "config": {}, "status": "running"})
     writer.add_run({"name": "mlp", "model": "mlp", "batchnorm": False, "bn_mode": None,
                     "num_params": 1, "num_classes": K})  # fmt: skip
-    writer.update(status="interrupted")
+    writer.update(status="interrupted", stopped_during="analysis")
     results, _ = load_results(tmp_path)
     text = render_report(results, {})
-    assert "Status: interrupted" in text and "no comparison" in text
+    assert "Status: interrupted during analysis" in text and "no comparison" in text
+    writer.update(status="failed", stopped_during="training", error="training diverged")
+    text = render_report(load_results(tmp_path)[0], {})
+    assert "Status: failed during training" in text and "Error: training diverged" in text

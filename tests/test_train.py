@@ -162,3 +162,163 @@ def test_analyzer_reuses_programs_with_new_params_and_statistics(digits, mode):
     )
     np.testing.assert_allclose(acc, np.mean(logits.argmax(-1) == analysis.y))
     assert np.isfinite(test_loss)
+
+
+# --------------------------------------------------------------------------------------
+# Streaming the loss, stopping and resuming
+# --------------------------------------------------------------------------------------
+
+
+def test_batch_order_resumes_anywhere():
+    """BatchOrder gives batch_indices' batches; its state at any step restores the same
+    sequence without replaying earlier epochs (and survives a JSON round trip)."""
+    import json
+
+    from hessspec.train import BatchOrder
+
+    ref = batch_indices(50, 8, 40, seed=3)  # 6 batches per epoch: several epochs
+    order = BatchOrder(50, 8, seed=3)
+    np.testing.assert_array_equal(np.stack([order.batch(s) for s in range(40)]), ref)
+    for step in (0, 5, 6, 17, 36):
+        state = json.loads(json.dumps(order.state(step)))
+        again = BatchOrder.from_state(state)
+        np.testing.assert_array_equal(np.stack([again.batch(s) for s in range(step, 40)]),
+                                      ref[step:])  # fmt: skip
+    np.testing.assert_array_equal(order.batch(3), ref[3])  # going back replays from the seed
+
+
+def test_loss_curve_streams_to_the_host(digits):
+    """The loss of every step reaches the host in chunks: never more than the cap pending
+    on the device, the same values as computing them at once."""
+    from hessspec import train as htrain
+
+    pending = []
+    real_append = htrain.LossCurve.append
+
+    def spy(self, value):
+        real_append(self, value)
+        pending.append(self.pending)
+
+    cfg = dataclasses.replace(CFG, steps=300)
+    model = make_model("mlp", digits.input_shape, 10, False, seed=0, hidden=[4])
+    curve = htrain.LossCurve()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(htrain.LossCurve, "append", spy)
+        hist = train(model, digits.x, digits.y, cfg, seed=0, progress=False, curve=curve)
+    assert len(pending) == 300 and max(pending) <= htrain._MAX_PENDING
+    assert curve.num_flushed == 300 and curve.pending == 0
+    np.testing.assert_array_equal(curve.host_losses(), hist.losses)
+    assert hist.losses.shape == (300,) and np.all(np.isfinite(hist.losses))
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_interrupted_training_resumes_to_the_same_state(digits, batchnorm):
+    """KeyboardInterrupt between two steps: on_save receives the state reached (kind
+    "interrupt"), consistent with the loss curve; training resumed from it takes exactly the
+    remaining steps and ends in the uninterrupted state (parameters, BN statistics, losses)."""
+    from hessspec.train import LossCurve, TrainingState
+
+    cfg = dataclasses.replace(CFG, steps=30)
+    ref_model = make_model("mlp", digits.input_shape, 10, batchnorm, seed=0, hidden=[8])
+    ref = train(ref_model, digits.x, digits.y, cfg, checkpoints=[0, 20], seed=3, progress=False,
+                on_checkpoint=lambda *a: None)  # fmt: skip
+
+    saved: list[tuple[TrainingState, str]] = []
+    calls = {"n": 0}
+    real_append = LossCurve.append
+
+    def interrupt_at_13(self, value):
+        real_append(self, value)
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+
+    model = make_model("mlp", digits.input_shape, 10, batchnorm, seed=0, hidden=[8])
+    curve = LossCurve()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(LossCurve, "append", interrupt_at_13)
+        with pytest.raises(KeyboardInterrupt):
+            train(model, digits.x, digits.y, cfg, checkpoints=[0, 20], seed=3, progress=False,
+                  on_checkpoint=lambda *a: None, curve=curve,
+                  on_save=lambda state, kind: saved.append((state, kind)))  # fmt: skip
+    assert [(s.step, k) for s, k in saved] == [(0, "checkpoint"), (12, "interrupt")]
+    state = saved[-1][0]
+    # the 13th loss was recorded but its update never assigned: the state is step 12
+    assert state.losses.shape == (12,) and len(curve) == 12
+    np.testing.assert_array_equal(state.losses, ref.losses[:12])
+
+    fresh = make_model("mlp", digits.input_shape, 10, batchnorm, seed=99, hidden=[8])
+    seen, later = [], []
+    hist = train(fresh, digits.x, digits.y, cfg, checkpoints=[0, 20], seed=0, progress=False,
+                 resume_from=state, on_checkpoint=lambda s, *a: seen.append(s),
+                 on_save=lambda state, kind: later.append((state.step, kind)))  # fmt: skip
+    assert seen == [20] and later == [(20, "checkpoint"), (30, "final")]
+    np.testing.assert_array_equal(hist.losses, ref.losses)
+    for a, b in zip(jax.tree.leaves(nnx.state(fresh)), jax.tree.leaves(nnx.state(ref_model)),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_divergence_names_the_first_non_finite_step(digits):
+    from hessspec.train import LossCurve, TrainingDiverged
+
+    model = make_model("mlp", digits.input_shape, 10, False, seed=0, hidden=[4])
+    cfg = dataclasses.replace(CFG, steps=40)
+    order = batch_indices(digits.num_examples, cfg.batch_size, cfg.steps, seed=0)
+    # a poisoned example first seen by step 6 (of 40): that step's loss is nan
+    poisoned = next(i for i in order[5] if i not in order[:5])
+    x = digits.x.copy()
+    x[poisoned] = np.nan
+    curve = LossCurve()
+    with pytest.raises(TrainingDiverged) as e:
+        train(model, x, digits.y, cfg, seed=0, progress=False, curve=curve)
+    step = e.value.step
+    assert step == 6
+    losses = curve.losses()
+    assert losses.shape == (step,) and not np.isfinite(losses[-1])
+    assert np.all(np.isfinite(losses[:-1]))
+    assert f"at step {step} is" in str(e.value) and "learning_rate" in str(e.value)
+
+
+def test_progress_bar_counts_training_time_only():
+    """The training bar's clock stops during an analysis (pause/resume), so its rate and
+    time estimate are those of the training steps (issue 9: the step-0 analysis and the
+    compilation made a 3-minute run show 2:41:47)."""
+    import io
+    import time
+
+    from hessspec.progress import Progress
+
+    stream = io.StringIO()
+    bar = Progress("bars", stream=stream).training("mlp", total=100)
+    bar.advance(10)
+    bar.pause("analysing step 10")
+    time.sleep(0.4)
+    bar.resume()
+    bar.advance(10)
+    elapsed = bar._bar.format_dict["elapsed"]
+    bar.close()
+    assert elapsed < 0.3, elapsed
+    assert bar.seconds < 0.3
+
+
+def test_log_lines_when_not_a_terminal():
+    import io
+
+    from hessspec.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress("auto", stream=stream)  # a StringIO is no terminal: log lines
+    assert progress.style == "lines"
+    training = progress.training("mlp (1/2)", total=100)
+    for _ in range(100):
+        training.advance(1, loss=0.5)
+    training.close()
+    with progress.analysis("analysing mlp: step 100", 2) as shown:
+        shown.stage("top eigenpairs")
+        shown.stage("density")
+    lines = stream.getvalue().splitlines()
+    steps = [line for line in lines if "mlp (1/2): step" in line]
+    assert len(steps) == 10 and "step 100/100 (100%), loss 0.5000" in steps[-1]
+    assert lines[-2].endswith("analysing mlp: step 100: top eigenpairs")
+    assert all(line.startswith("hessspec [") and " s]: " in line for line in lines)
