@@ -374,126 +374,97 @@ def _safe_unit(u, norm):
     return jnp.where(ok, u / jnp.where(ok, norm, 1), 0)
 
 
-KIND_PREPARE, KIND_LANCZOS, KIND_STATS, KIND_STORE = 0, 1, 2, 3
-"""What an iteration does: prepare a vector (no matvec), or the pass's action (1 + action)."""
-
-
 def _iteration(carry: _Carry, ctl: KrylovPass, apply, op_dtype, operand) -> _Carry:
-    """One loop iteration: prepare a vector, or ``w = A x`` and the action. The kinds share
-    one matvec and one Gram-Schmidt loop (compile time); what differs between them sits in
-    ``lax.switch`` branches, so an iteration computes only what its kind needs."""
+    """One loop iteration: prepare a vector, or ``w = A x`` and the action. Every branch
+    shares one matvec, one Gram-Schmidt loop and one row write (compile time)."""
     st, i = carry.state, carry.i
     sdt = st.coef.dtype
     rows = st.coef.shape[0]
     zero = jnp.zeros((), sdt)
+    prep = (ctl.prepare & ~carry.prepared) | st.need_fresh
     fresh = st.need_fresh
-    prep = (ctl.prepare & ~carry.prepared) | fresh
-    kind = jnp.where(prep, KIND_PREPARE, 1 + ctl.action)
 
-    def row_i():
-        return _get_row(st.basis, jnp.clip(i, 0, rows - 1)).astype(sdt)
-
-    def prepared_input(_):
-        given = ctl.vector.astype(sdt)
-        raw = jnp.where(ctl.prepare_source == PREPARE_RESIDUAL, st.residual, given)
-        raw = jax.lax.cond(ctl.prepare_source == PREPARE_ROW, lambda r: row_i(), lambda r: r, raw)
-        return jnp.where(fresh, jnp.roll(ctl.noise, i).astype(sdt), raw)
-
-    def stats_input(_):
-        return jax.lax.cond(ctl.source == SOURCE_ROW, lambda v: row_i(), lambda v: v, carry.v)
-
-    x = jax.lax.switch(
-        kind, [prepared_input, lambda _: carry.v, stats_input, lambda _: carry.v], None
+    row = _get_row(st.basis, jnp.clip(i, 0, rows - 1)).astype(sdt)
+    raw = jnp.where(
+        ctl.prepare_source == PREPARE_GIVEN,
+        ctl.vector.astype(sdt),
+        jnp.where(ctl.prepare_source == PREPARE_RESIDUAL, st.residual, row),
     )
+    raw = jnp.where(fresh, jnp.roll(ctl.noise, i).astype(sdt), raw)
+    x = jnp.where(prep, raw, jnp.where(ctl.source == SOURCE_ROW, row, carry.v))
     w = jax.lax.cond(prep, lambda x: x, lambda x: apply(x.astype(op_dtype), operand).astype(sdt), x)
     w_norm = jnp.linalg.norm(w)
     scale = jnp.where(prep, st.scale, jnp.maximum(st.scale, w_norm))
-    no_local = jnp.zeros((rows,), sdt)
-    below = _blocks_through(i - 1, st.basis)
 
-    def before_prepare(_):
-        passes = jnp.where(fresh, 2, ctl.prepare_passes).astype(jnp.int32)
-        return w, no_local, passes, below.astype(jnp.int32)
-
-    def before_lanczos(_):
-        def three_term(w):
-            jm = jnp.maximum(i - 1, 0)
-            b_prev = st.coef[jm, i]
-            w = w - b_prev * carry.v_prev
-            alpha = carry.v @ w
-            return w - alpha * carry.v, no_local.at[i].set(alpha).at[jm].add(b_prev)
-
-        u, local = jax.lax.cond(carry.fresh_prev, lambda w: (w, no_local), three_term, w)
-        passes = jnp.where(carry.fresh_prev, 2, 1).astype(jnp.int32)
-        return u, local, passes, _blocks_through(i, st.basis).astype(jnp.int32)
-
-    def before_stats(_):
-        return w, no_local, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
-
-    def before_store(_):
-        return w, no_local, jnp.full((), 2, jnp.int32), below.astype(jnp.int32)
-
-    u, local, passes, filled = jax.lax.switch(
-        kind, [before_prepare, before_lanczos, before_stats, before_store], None
+    lanczos = ~prep & (ctl.action == ACTION_LANCZOS)
+    store = ~prep & (ctl.action == ACTION_STORE)
+    recurrence = lanczos & ~carry.fresh_prev
+    jm = jnp.maximum(i - 1, 0)
+    b_prev = st.coef[jm, i]
+    w3 = w - b_prev * carry.v_prev
+    alpha = carry.v @ w3
+    u = jnp.where(recurrence, w3 - alpha * carry.v, w)
+    local = jnp.where(recurrence, jnp.zeros((rows,), sdt).at[i].set(alpha).at[jm].add(b_prev), 0)
+    passes = jnp.where(
+        prep,
+        jnp.where(fresh, 2, ctl.prepare_passes),
+        jnp.where(lanczos, jnp.where(recurrence, 1, 2), jnp.where(store, 2, 0)),
     )
-    u, c_pass = _orthogonalize(st.basis, u, filled, passes.astype(jnp.int32))
+    filled = _blocks_through(jnp.where(lanczos, i, i - 1), st.basis)
+    u, c_pass = _orthogonalize(st.basis, u, filled, passes)
     beta = jnp.linalg.norm(u)
 
-    def write_row(basis, row, vec):
-        return _set_row(basis, jnp.minimum(row, rows - 1), vec)
+    # Lanczos: breakdown, the next vector, the coefficients of row i
+    broken = lanczos & (beta <= ctl.breakdown_tol * w_norm)  # False for NaN: host sees it
+    unresolved = lanczos & (beta <= ctl.resolution_tol * scale)
+    stop = broken & ctl.stop_at_breakdown
+    full = i >= rows - 1
+    need_fresh = broken & ~ctl.stop_at_breakdown & ~full
+    sub = jnp.where(broken, zero, beta)
+    coeffs = (local + c_pass).at[jnp.minimum(i + 1, rows - 1)].set(jnp.where(full, 0, sub))
 
-    def after_prepare(_):
-        normalize = fresh | ctl.prepare_normalize
-        vec = jnp.where(normalize, _safe_unit(u, beta), u)
-        store = fresh | ctl.prepare_store
-        basis = jax.lax.cond(store, write_row, lambda b, r, v: b, st.basis, i, vec)
-        vec = jnp.where(store, vec.astype(st.basis.dtype).astype(sdt), vec)
-        state = st._replace(basis=basis, need_fresh=jnp.zeros((), bool))
-        return _Carry(i, state, vec, carry.v_prev, jnp.ones((), bool), carry.stop, True)
-
-    def after_lanczos(_):
-        broken = beta <= ctl.breakdown_tol * w_norm  # False for NaN: the host sees it
-        stop = broken & ctl.stop_at_breakdown
-        full = i >= rows - 1
-        need_fresh = broken & ~ctl.stop_at_breakdown & ~full
-        sub = jnp.where(broken, zero, beta)
-        coeffs = (local + c_pass).at[jnp.minimum(i + 1, rows - 1)].set(jnp.where(full, 0, sub))
-        vec = _safe_unit(u, beta)
-        write = ~broken & ~full
-        basis = jax.lax.cond(write, write_row, lambda b, r, v: b, st.basis, i + 1, vec)
-        v_next = jnp.where(write, vec.astype(st.basis.dtype).astype(sdt), 0)
-        unresolved = beta <= ctl.resolution_tol * scale
-        state = st._replace(
-            basis=basis,
-            coef=st.coef.at[i].set(coeffs),
-            residual=jnp.where(stop, 0, u),
-            residual_norm=jnp.where(stop, zero, beta),
-            scale=scale,
-            lost=st.lost.at[i].set(jnp.where(need_fresh, beta, zero)),
-            steps_done=i + 1,
-            need_fresh=need_fresh,
-            unresolved=st.unresolved + unresolved.astype(jnp.int32),
-        )
-        return _Carry(i + 1, state, v_next, carry.v, jnp.zeros((), bool), stop, carry.prepared)
-
-    def after_stats(_):
-        at = jnp.clip(i - ctl.lo, 0, rows - 1)
-        misfit = jnp.linalg.norm(w - ctl.values[i] * x)
-        state = st._replace(
-            scale=scale, quad=st.quad.at[at].set(x @ w), misfit=st.misfit.at[at].set(misfit)
-        )
-        return carry._replace(i=i + 1, state=state)
-
-    def after_store(_):
-        keep = beta > ctl.breakdown_tol * w_norm
-        vec = jnp.where(keep, _safe_unit(u, beta), 0)
-        at = jnp.clip(i - ctl.lo, 0, rows - 1)
-        state = st._replace(
-            basis=write_row(st.basis, i, vec), scale=scale, quad=st.quad.at[at].set(beta)
-        )
-        return carry._replace(i=i + 1, state=state)
-
-    return jax.lax.switch(kind, [after_prepare, after_lanczos, after_stats, after_store], None)
+    normalize = prep & (fresh | ctl.prepare_normalize) | store | (lanczos & ~broken)
+    vec = jnp.where(normalize, _safe_unit(u, beta), u)
+    vec = jnp.where(store & ~(beta > ctl.breakdown_tol * w_norm), 0, vec)
+    write = (prep & (fresh | ctl.prepare_store)) | store | (lanczos & ~broken & ~full)
+    target = jnp.where(lanczos, i + 1, i)
+    basis = jax.lax.cond(
+        write,
+        lambda b: _set_row(b, jnp.minimum(target, rows - 1), vec),
+        lambda b: b,
+        st.basis,
+    )
+    stats = ~prep & (ctl.action == ACTION_STATS)
+    at = jnp.clip(i - ctl.lo, 0, rows - 1)
+    state = st._replace(
+        basis=basis,
+        coef=jnp.where(lanczos, st.coef.at[i].set(coeffs), st.coef),
+        residual=jnp.where(lanczos, jnp.where(stop, 0, u), st.residual),
+        residual_norm=jnp.where(lanczos, jnp.where(stop, zero, beta), st.residual_norm),
+        scale=scale,
+        lost=jnp.where(lanczos, st.lost.at[i].set(jnp.where(need_fresh, beta, zero)), st.lost),
+        quad=jnp.where(
+            stats, st.quad.at[at].set(x @ w), jnp.where(store, st.quad.at[at].set(beta), st.quad)
+        ),
+        misfit=jnp.where(
+            stats, st.misfit.at[at].set(jnp.linalg.norm(w - ctl.values[i] * x)), st.misfit
+        ),
+        steps_done=jnp.where(lanczos, i + 1, st.steps_done),
+        need_fresh=jnp.where(prep, False, need_fresh),
+        unresolved=st.unresolved + unresolved.astype(jnp.int32),
+    )
+    # the next vector is exactly the stored row (basis dtype)
+    stored = vec.astype(st.basis.dtype).astype(sdt)
+    v_next = jnp.where(prep | lanczos, jnp.where(write, stored, vec), carry.v)
+    return _Carry(
+        i=jnp.where(prep, i, i + 1),
+        state=state,
+        v=jnp.where(stop, 0, v_next),
+        v_prev=jnp.where(lanczos, carry.v, carry.v_prev),
+        fresh_prev=prep,
+        stop=stop,
+        prepared=carry.prepared | prep,
+    )
 
 
 @partial(
