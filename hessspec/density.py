@@ -28,7 +28,6 @@ from hessspec.krylov import (
     basis_rows,
     check_basis_memory,
     check_finite,
-    default_key,
     resolution_tolerance,
 )
 from hessspec.linop import LinearOperator, as_operator
@@ -291,15 +290,12 @@ def spectral_density(
         basis_dtype=bdt,
         basis_memory=basis_memory,
     )
-    runner = KrylovRunner(
-        op, basis_rows(num_steps), basis_dtype=bdt, host=host, key=default_key(key)
-    )
+    runner = KrylovRunner(op, basis_rows(num_steps), basis_dtype=bdt, host=host, key=key)
     alphas = np.zeros((num_probes, num_steps))
     betas = np.zeros((num_probes, max(num_steps - 1, 0)))
     done = np.zeros(num_probes, np.int64)
     unresolved = []
     for p in tqdm(range(num_probes), desc="slq", disable=not progress, leave=False):
-        runner.reset()
         runner.lanczos(0, num_steps, stop_at_breakdown=True, start=runner.rademacher())
         coef, _, _, steps = runner.projected()
         check_finite(coef)

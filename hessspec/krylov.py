@@ -22,14 +22,14 @@ Per loop iteration ``i`` in ``[lo, hi)``:
   ``||A x - theta_i x||``), or orthonormalize ``A x`` against the stored rows and store it
   at row ``i`` (the range finder of Hutch++).
 
-Around it, three small programs without a matvec: :func:`_zero_state` allocates,
-:func:`_reset` clears the basis and places a start vector, :func:`_restart` performs a
-thick restart ``V <- S^T V`` (Wu & Simon 2000) and places the vector that continues it.
-They are separate so that the engine's memory does not include the restart's temporary copy
-of the basis.
+Around it, small programs without a matvec: :func:`_zero_state` allocates, :func:`_restart`
+performs a thick restart ``V <- S^T V`` (Wu & Simon 2000), :func:`_read_row` reads a row. The
+restart is separate so that the engine's memory does not include its temporary copy of the
+basis. Nothing is ever cleared: every pass reads only the rows it has written (rows beyond
+the Krylov front are masked out of Gram-Schmidt), so SLQ starts each probe over at row 0.
 
 The basis ``V`` has ``M = basis_rows(m)`` rows (a power of two, at least
-:data:`MIN_BASIS_ROWS`; rows beyond the Krylov front are zero), stored in row blocks so a
+:data:`MIN_BASIS_ROWS`; rows beyond the Krylov front are never read), stored in row blocks so a
 Gram-Schmidt pass reads only the blocks already filled, in the basis dtype (the solver dtype,
 float64 where x64 is on, or float32 on request), in device or host memory.
 
@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessspec.linop import LinearOperator, solver_dtype
+from hessspec.linop import LinearOperator, matvec, solver_dtype
 
 __all__ = [
     "BASIS_MEMORIES",
@@ -110,6 +110,11 @@ COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 """XLA options of the engine program: LLVM's level 1 instead of the default compiles the
 program about a third faster on CPU and runs its matvec as fast (measured on the digits MLP
 and CNN; matrix products and convolutions are library calls either way)."""
+
+SMALL_PROGRAM_OPTIONS = {"xla_backend_optimization_level": 0}
+"""XLA options of the programs around the engine (allocation, reset, restart, reading a row):
+memory moves and one matrix product (a library call), which LLVM optimization does not
+speed up; level 0 compiles them several times faster."""
 
 BASIS_MEMORIES = ("device", "host")
 """Where the basis can live: the operator's device memory, or host memory (JAX memory space
@@ -198,12 +203,6 @@ def _to_space_of(a, ref):
     return jax.device_put(a, jax.memory.Space.Host) if _on_host(ref) else a
 
 
-def _blocks_through(i, basis):
-    """Number of blocks holding rows ``0..i`` of a ``(B, R, n)`` basis (traced); 0 for
-    ``i < 0``."""
-    return jnp.where(i < 0, 0, jnp.maximum(i, 0) // basis.shape[1] + 1)
-
-
 def _get_row(basis, i):
     """Row ``i`` of the ``(B, R, n)`` basis, on the device."""
     r = basis.shape[1]
@@ -221,31 +220,32 @@ def _set_row(basis, i, row):
     return jax.lax.dynamic_update_slice(basis, new, (i // r, i % r, jnp.zeros((), jnp.int32)))
 
 
-def _gs_pass(basis, w, filled):
-    """One classical Gram-Schmidt pass ``w - V^T (V w)`` against the first ``filled`` blocks
-    of the ``(B, R, n)`` basis (traced, ``0 <= filled <= B``; rows of those blocks beyond
-    the Krylov front are zero), one block at a time (a block in host memory is streamed to
-    the device). Returns the new ``w`` and the ``(B R,)`` coefficients ``V w`` (zero for the
-    blocks not read). The products run in the basis dtype."""
+def _gs_pass(basis, w, rows):
+    """One classical Gram-Schmidt pass ``w - V^T (V w)`` against basis rows ``0..rows-1``
+    (traced; later rows are ignored, whatever they hold), one ``(R, n)`` block of the
+    ``(B, R, n)`` basis at a time (a block in host memory is streamed to the device). Returns
+    the new ``w`` and the ``(B R,)`` coefficients ``V w`` (zero from row ``rows`` on). The
+    products run in the basis dtype."""
     nb, r, n = basis.shape
     wb = w.astype(basis.dtype)
+    local = jnp.arange(r)
 
     def body(t, carry):
         update, coeffs = carry
         blk = _to_device(jax.lax.dynamic_index_in_dim(basis, t, keepdims=False))
-        c = blk @ wb
+        c = jnp.where(t * r + local < rows, blk @ wb, 0)
         return update + c @ blk, jax.lax.dynamic_update_slice(coeffs, c, (t * r,))
 
     init = (jnp.zeros((n,), basis.dtype), jnp.zeros((nb * r,), basis.dtype))
-    update, coeffs = jax.lax.fori_loop(0, filled, body, init)
+    update, coeffs = jax.lax.fori_loop(0, (rows + r - 1) // r, body, init)
     return w - update.astype(w.dtype), coeffs.astype(w.dtype)
 
 
-def _orthogonalize(basis, w, filled, min_passes):
-    """Gram-Schmidt against the first ``filled`` blocks: ``min_passes`` passes (traced), and
+def _orthogonalize(basis, w, rows, min_passes):
+    """Gram-Schmidt against basis rows ``0..rows-1``: ``min_passes`` passes (traced), and
     one more while a pass shrinks ``w`` below :data:`DGKS_RATIO` of its norm, at most
     :data:`MAX_GS_PASSES`. Returns ``w`` and the summed coefficients."""
-    rows = basis.shape[0] * basis.shape[1]
+    size = basis.shape[0] * basis.shape[1]
 
     def cond(carry):
         passes, _, _, shrunk = carry
@@ -254,10 +254,10 @@ def _orthogonalize(basis, w, filled, min_passes):
     def body(carry):
         passes, w, coeffs, _ = carry
         before = jnp.linalg.norm(w)
-        w, c = _gs_pass(basis, w, filled)
+        w, c = _gs_pass(basis, w, rows)
         return passes + 1, w, coeffs + c, jnp.linalg.norm(w) < DGKS_RATIO * before
 
-    init = (jnp.zeros((), jnp.int32), w, jnp.zeros((rows,), w.dtype), jnp.ones((), bool))
+    init = (jnp.zeros((), jnp.int32), w, jnp.zeros((size,), w.dtype), jnp.ones((), bool))
     _, w, coeffs, _ = jax.lax.while_loop(cond, body, init)
     return w, coeffs
 
@@ -272,7 +272,7 @@ class KrylovState(NamedTuple):
     Attributes:
         basis: the basis ``V``, ``M`` rows of length ``n`` stored as ``(B, R, n)`` row
             blocks (``M = B R``; basis dtype; host or device memory). Rows beyond the Krylov
-            front are zero.
+            front may hold an earlier run's vectors: nothing reads them.
         coef: ``(M, M)`` projections by rows: Lanczos step ``j`` writes row ``j``,
             ``coef[j, :j+1] = V A v_j`` and ``coef[j, j+1] = beta_j``. ``tril(coef)`` is the
             lower triangle of the Rayleigh quotient ``V^T A V``.
@@ -383,6 +383,13 @@ def _iteration(carry: _Carry, ctl: KrylovPass, apply, op_dtype, operand) -> _Car
     zero = jnp.zeros((), sdt)
     prep = (ctl.prepare & ~carry.prepared) | st.need_fresh
     fresh = st.need_fresh
+    # a run that starts over at row 0 forgets the previous run's scale and counts (the basis
+    # and coefficients need no clearing: nothing reads rows beyond the Krylov front)
+    start = prep & ~fresh & (i == 0)
+    st = st._replace(
+        scale=jnp.where(start, zero, st.scale),
+        unresolved=jnp.where(start, 0, st.unresolved),
+    )
 
     row = _get_row(st.basis, jnp.clip(i, 0, rows - 1)).astype(sdt)
     raw = jnp.where(
@@ -392,7 +399,9 @@ def _iteration(carry: _Carry, ctl: KrylovPass, apply, op_dtype, operand) -> _Car
     )
     raw = jnp.where(fresh, jnp.roll(ctl.noise, i).astype(sdt), raw)
     x = jnp.where(prep, raw, jnp.where(ctl.source == SOURCE_ROW, row, carry.v))
-    w = jax.lax.cond(prep, lambda x: x, lambda x: apply(x.astype(op_dtype), operand).astype(sdt), x)
+    w = jax.lax.cond(
+        prep, lambda x: x, lambda x: matvec(apply, x.astype(op_dtype), operand).astype(sdt), x
+    )
     w_norm = jnp.linalg.norm(w)
     scale = jnp.where(prep, st.scale, jnp.maximum(st.scale, w_norm))
 
@@ -410,8 +419,7 @@ def _iteration(carry: _Carry, ctl: KrylovPass, apply, op_dtype, operand) -> _Car
         jnp.where(fresh, 2, ctl.prepare_passes),
         jnp.where(lanczos, jnp.where(recurrence, 1, 2), jnp.where(store, 2, 0)),
     )
-    filled = _blocks_through(jnp.where(lanczos, i, i - 1), st.basis)
-    u, c_pass = _orthogonalize(st.basis, u, filled, passes)
+    u, c_pass = _orthogonalize(st.basis, u, jnp.where(lanczos, i + 1, i), passes)
     beta = jnp.linalg.norm(u)
 
     # Lanczos: breakdown, the next vector, the coefficients of row i
@@ -496,7 +504,11 @@ def _engine(apply, op_dtype, operand, state: KrylovState, ctl: KrylovPass) -> Kr
 # programs without a matvec
 
 
-@partial(jax.jit, static_argnames=("rows", "dim", "sdt", "bdt", "count", "host"))
+@partial(
+    jax.jit,
+    static_argnames=("rows", "dim", "sdt", "bdt", "count", "host"),
+    compiler_options=SMALL_PROGRAM_OPTIONS,
+)
 def _zero_state(rows, dim, sdt, bdt, count, host) -> KrylovState:
     basis = jnp.zeros((count, rows // count, dim), bdt)
     if host:
@@ -517,13 +529,7 @@ def _zero_state(rows, dim, sdt, bdt, count, host) -> KrylovState:
     )
 
 
-@partial(jax.jit, donate_argnames=("state",))
-def _reset(state: KrylovState) -> KrylovState:
-    """All zeros again, in place."""
-    return jax.tree_util.tree_map(lambda a: _to_space_of(jnp.zeros(a.shape, a.dtype), a), state)
-
-
-@partial(jax.jit, donate_argnames=("state",))
+@partial(jax.jit, donate_argnames=("state",), compiler_options=SMALL_PROGRAM_OPTIONS)
 def _restart(state: KrylovState, coeffs, values, keep, lost) -> KrylovState:
     """Thick restart: rows ``0..keep-1`` become ``Y = S^T V`` (``S = coeffs`` ``(M, M)``, zero
     beyond column ``keep``), later rows zero; the projected matrix ``diag(values[:keep])``,
@@ -548,7 +554,7 @@ def _restart(state: KrylovState, coeffs, values, keep, lost) -> KrylovState:
     )
 
 
-@jax.jit
+@partial(jax.jit, compiler_options=SMALL_PROGRAM_OPTIONS)
 def _read_row(basis, i):
     return _get_row(basis, i)
 
@@ -558,8 +564,10 @@ def _read_row(basis, i):
 
 
 def numpy_generator(key) -> np.random.Generator:
-    """A NumPy generator seeded by a JAX PRNG key: the solvers draw their random vectors on
-    the host, so no random-number program is compiled."""
+    """A NumPy generator seeded by a JAX PRNG key (None: :data:`DEFAULT_SEED`): the solvers
+    draw their random vectors on the host, so no random-number program is compiled."""
+    if key is None:
+        return np.random.default_rng(DEFAULT_SEED)
     data = np.asarray(jax.random.key_data(key), dtype=np.uint32).ravel()
     return np.random.default_rng([int(d) for d in data])
 
@@ -572,7 +580,8 @@ class KrylovRunner:
         rows: basis rows ``M`` (use :func:`basis_rows`).
         basis_dtype: dtype of the stored basis.
         host: keep the basis in host memory.
-        key: PRNG key of the run (seeds the host generator of probes and start vectors).
+        key: PRNG key of the run (seeds the host generator of probes and start vectors);
+            None for the default seed.
     """
 
     def __init__(self, op: LinearOperator, rows: int, *, basis_dtype, host: bool, key):
@@ -582,21 +591,16 @@ class KrylovRunner:
         self.rng = numpy_generator(key)
         self.breakdown_tol = breakdown_tolerance(op.dtype)
         self.resolution_tol = resolution_tolerance(op.dtype)
-        zeros = _zero_state(
+        self.state = _zero_state(
             self.rows, op.dim, self.sdt, np.dtype(basis_dtype), num_blocks(self.rows, op.dim), host
         )
-        self.state = _reset(zeros)  # compiled by every solver's first call, so all share it
-        self._zeros_n = jnp.zeros((op.dim,), self.sdt)
+        self._zeros_n = jax.device_put(np.zeros(op.dim, self.sdt))
         self.noise = jnp.asarray(self.rng.standard_normal(op.dim).astype(self.sdt))
         self._no_values = np.zeros(self.rows, self.sdt)
 
     def rademacher(self) -> np.ndarray:
         """A fresh ``(n,)`` vector of independent ``+-1`` entries (solver dtype)."""
         return self.rng.choice(np.array([-1.0, 1.0], self.sdt), size=self.op.dim)
-
-    def reset(self) -> None:
-        """Everything zero (a new run on the same basis)."""
-        self.state = _reset(self.state)
 
     def restart(self, coeffs, values, keep: int, *, lost=None) -> None:
         """Thick restart keeping ``keep`` Ritz vectors ``coeffs[:, i]`` (``(m, keep)``, host

@@ -29,7 +29,6 @@ from hessspec.krylov import (
     breakdown_tolerance,
     check_basis_memory,
     check_finite,
-    default_key,
 )
 from hessspec.linop import LinearOperator, as_operator, solver_dtype
 from hessspec.linop import basis_dtype as resolve_basis_dtype
@@ -331,7 +330,7 @@ def top_eigenpairs(
     bdt = resolve_basis_dtype(op.dtype, basis_dtype)
     host = check_basis_memory(basis_memory, "top_eigenpairs")
     check_call(check_memory, op, num_steps=m, k=k, basis_dtype=bdt, basis_memory=basis_memory)
-    runner = KrylovRunner(op, basis_rows(m), basis_dtype=bdt, host=host, key=default_key(key))
+    runner = KrylovRunner(op, basis_rows(m), basis_dtype=bdt, host=host, key=key)
     with tqdm(total=max_restarts + 1, desc="lanczos", disable=not progress, leave=False) as bar:
         return _thick_restart_lanczos(
             runner,
@@ -495,7 +494,7 @@ def lanczos_tridiag(
     host = check_basis_memory(basis_memory, "lanczos_tridiag")
     if not np.any(v0):
         return LanczosResult(np.zeros((m, n), bdt), np.zeros(m), np.zeros(m - 1), 0)
-    runner = KrylovRunner(op, basis_rows(m), basis_dtype=bdt, host=host, key=default_key(None))
+    runner = KrylovRunner(op, basis_rows(m), basis_dtype=bdt, host=host, key=None)
     runner.lanczos(0, m, stop_at_breakdown=True, start=v0.astype(solver_dtype(op.dtype)))
     coef, _, _, done = runner.projected()
     check_finite(coef)

@@ -23,7 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LinearOperator", "as_operator", "basis_dtype", "linearize", "solver_dtype"]
+__all__ = [
+    "LinearOperator",
+    "as_operator",
+    "basis_dtype",
+    "linearize",
+    "matvec",
+    "solver_dtype",
+]
 
 
 class _Extras:
@@ -99,7 +106,7 @@ class LinearOperator:
                 f"matvec expects a flat vector of shape ({self.dim},), got shape {v.shape}; "
                 "use op.ravel(pytree) to flatten parameters-shaped vectors."
             )
-        return _matvec(self.apply, v.astype(self.dtype), self.operand)
+        return matvec(self.apply, v.astype(self.dtype), self.operand)
 
     def __matmul__(self, v):
         return self.matvec(v)
@@ -110,7 +117,10 @@ class LinearOperator:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _matvec(apply, v, operand):
+def matvec(apply, v, operand):
+    """``apply(v, operand)``, jitted with ``apply`` static. Every solver program calls the
+    operator through it, so the matvec is traced once per operator structure and the
+    trace is shared (the memory estimate, ``op.matvec`` and the solver engine)."""
     return apply(v, operand)
 
 

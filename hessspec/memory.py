@@ -32,7 +32,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from hessspec.krylov import MIN_BASIS_ROWS, NUM_BASIS_BLOCKS, basis_rows, device_of
-from hessspec.linop import LinearOperator, as_operator, solver_dtype
+from hessspec.linop import LinearOperator, as_operator, matvec, solver_dtype
 from hessspec.linop import basis_dtype as resolve_basis_dtype
 
 __all__ = [
@@ -214,12 +214,18 @@ def hvp_working_set(op: LinearOperator, batch: int = 1) -> int:
             lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), op.operand
         )
         if batch == 1:
-            fn, vec = op.apply, jax.ShapeDtypeStruct((op.dim,), op.dtype)
+
+            def fn(v, operand):  # the solvers' traced matvec: its trace is shared
+                return matvec(op.apply, v, operand)
+
+            vec = jax.ShapeDtypeStruct((op.dim,), op.dtype)
         else:
             fn = jax.vmap(op.apply, in_axes=(0, None))
             vec = jax.ShapeDtypeStruct((batch, op.dim), op.dtype)
-        closed = jax.make_jaxpr(fn)(vec, operand)
-        cache[batch] = _peak_live_bytes(closed.jaxpr)
+        jaxpr = jax.make_jaxpr(fn)(vec, operand).jaxpr
+        if batch == 1:  # one call of the jitted matvec: scan its body
+            jaxpr = next(iter(_sub_jaxprs(jaxpr.eqns[0])), jaxpr)
+        cache[batch] = _peak_live_bytes(jaxpr)
     return cache[batch]
 
 

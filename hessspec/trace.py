@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from hessspec.krylov import KrylovRunner, basis_rows, check_finite, default_key
+from hessspec.krylov import KrylovRunner, basis_rows, check_finite
 from hessspec.linop import LinearOperator, as_operator
 from hessspec.linop import basis_dtype as resolve_basis_dtype
 from hessspec.memory import check_call
@@ -112,7 +112,7 @@ def trace(
     bdt = resolve_basis_dtype(op.dtype, basis_dtype)
     check_call(check_memory, op, num_matvecs=m, method=method, basis_dtype=bdt)
     rows = basis_rows(max(num_sketch, 1))
-    runner = KrylovRunner(op, rows, basis_dtype=bdt, host=False, key=default_key(key))
+    runner = KrylovRunner(op, rows, basis_dtype=bdt, host=False, key=key)
     exact = 0.0
     if num_sketch:
         for i in range(num_sketch):

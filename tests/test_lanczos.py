@@ -359,8 +359,8 @@ def test_dgks_reorthogonalizes_when_a_pass_cancels():
     leftover -= basis_rows @ (basis_rows.T @ leftover)
     leftover /= np.linalg.norm(leftover)
     w = jnp.asarray(1e8 * basis_rows @ rng.standard_normal(4) + leftover)
-    once, _ = krylov._gs_pass(jnp.asarray(stored), w, 1)
-    twice, _ = krylov._orthogonalize(jnp.asarray(stored), w, 1, 1)
+    once, _ = krylov._gs_pass(jnp.asarray(stored), w, 4)
+    twice, _ = krylov._orthogonalize(jnp.asarray(stored), w, 4, 1)
     err_once = np.abs(basis_rows.T @ np.asarray(once)).max() / np.linalg.norm(once)
     err_dgks = np.abs(basis_rows.T @ np.asarray(twice)).max() / np.linalg.norm(twice)
     assert err_once > 1e-10 and err_dgks < 1e-14
