@@ -17,7 +17,7 @@ from hessspec.models import make_model
 from hessspec.objective import make_objective
 
 NUM_EXAMPLES = 10
-BATCH_SIZES = (None, 5, 4)  # one batch; dividing N; ragged (10 = 2*4 + 2)
+BATCH_SIZES = (None, 4)  # one batch; full batches in a scan and a ragged one (10 = 2*4 + 2)
 MODELS = {
     "mlp": dict(input_shape=(4, 4, 1), hidden=(5,)),
     "cnn": dict(input_shape=(4, 4, 1), channels=(2, 3)),
@@ -56,15 +56,29 @@ def _reference(loss_fn, params, data, batch_size):
     return total
 
 
+def _leaf_index(params, selected):
+    """Indices of the flat parameter vector that belong to the selected leaves."""
+    sizes = [int(np.size(a)) for a in jax.tree_util.tree_leaves(params)]
+    return np.flatnonzero(np.repeat(selected, sizes))
+
+
 @pytest.mark.parametrize(("batchnorm", "bn_mode"), MODES, ids=lambda v: str(v))
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_hessian_matches_dense_reference(key, name, batchnorm, bn_mode):
+    """The full operator, and block operators (wrt as a prefix mask, optax's convention, and
+    as a predicate on paths), against the dense float64 Hessian and its diagonal block, for
+    one batch and for full batches plus a ragged one; the GGN's block is the block of the
+    (dense-tested) full GGN; ravel/unravel map the block's pytree."""
     data = _data(key)
     model = _model(name, batchnorm, data)
     population = data["x"] if bn_mode == "population" else None
     obj = make_objective(model, "cross_entropy", bn_mode=bn_mode, population_data=population)
     separable = bn_mode != "train"  # then every partition gives the full-batch Hessian
     full = _reference(obj.loss_fn, obj.params, data, None) if separable else None
+    first = sorted(obj.params)[0]  # a module attribute: head, linears, ...
+    mask = {k: k == first for k in obj.params}  # a prefix of the params tree
+    selected = [p[0].key == first for p, _ in jax.tree_util.tree_leaves_with_path(obj.params)]
+    index = _leaf_index(obj.params, selected)
     dims = []
     for batch_size in BATCH_SIZES:
         op = hs.hessian_operator(obj.loss_fn, obj.params, data, batch_size=batch_size)
@@ -73,9 +87,32 @@ def test_model_hessian_matches_dense_reference(key, name, batchnorm, bn_mode):
         assert norm > 1e-3
         np.testing.assert_allclose(op.to_dense(), ref, rtol=0, atol=1e-10 * norm)
         dims.append(op.dim)
+        wrt = mask if batch_size is None else (lambda path: path.split("/")[0] == first)
+        block = hs.hessian_operator(obj.loss_fn, obj.params, data, batch_size, wrt=wrt)
+        assert block.dim == index.size < op.dim
+        np.testing.assert_allclose(
+            block.to_dense(), ref[np.ix_(index, index)], rtol=0, atol=1e-10 * norm
+        )
     assert len(set(dims)) == 1 and dims[0] == sum(
         np.size(a) for a in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
     )
+    tree = block.unravel(np.arange(block.dim, dtype=np.float64))
+    assert all(not jax.tree.leaves(v) for k, v in tree.items() if k != first)
+    np.testing.assert_array_equal(block.ravel(tree), np.arange(block.dim))
+    np.testing.assert_array_equal(  # a full params-shaped pytree: its block is taken
+        block.ravel(jax.tree.map(jnp.ones_like, obj.params)), np.ones(block.dim)
+    )
+    if name == "mlp":
+        model_fn = jax.tree_util.Partial(lambda f, p, b: f(p, b["x"]), obj.logits_fn)
+        ggn = hs.ggn_operator(model_fn, obj.output_loss_fn, obj.params, data, batch_size=4)
+        ggn_block = hs.ggn_operator(
+            model_fn, obj.output_loss_fn, obj.params, data, batch_size=4, wrt=mask
+        )
+        dense = ggn.to_dense()
+        np.testing.assert_allclose(
+            ggn_block.to_dense(), dense[np.ix_(index, index)], rtol=0,
+            atol=1e-12 * np.abs(dense).max(),
+        )  # fmt: skip
 
 
 def test_train_mode_hessian_depends_on_the_partition(key):
@@ -105,59 +142,6 @@ def test_top_eigenpairs_of_a_bn_network_match_dense(key):
     overlap = np.abs(np.asarray(top.vectors) @ evecs[:, ::-1][:, :3])
     np.testing.assert_allclose(np.diag(overlap), 1.0, atol=1e-6)
     assert np.all(top.residuals <= 1e-6 * scale)
-
-
-def _block_reference(obj, data, batch_size, mask_leaves):
-    """The rows and columns of the dense reference that belong to the selected leaves."""
-    ref = _reference(obj.loss_fn, obj.params, data, batch_size)
-    sizes = [int(np.size(a)) for a in jax.tree_util.tree_leaves(obj.params)]
-    index = np.concatenate(
-        [np.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i, m in enumerate(mask_leaves) if m]
-    )
-    return ref[np.ix_(index, index)]
-
-
-@pytest.mark.parametrize(("batchnorm", "bn_mode"), MODES, ids=lambda v: str(v))
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_block_operators_are_diagonal_blocks_of_the_dense_hessian(key, name, batchnorm, bn_mode):
-    """wrt as a predicate on paths, and as a prefix mask (optax's convention): the operator is
-    the matching diagonal block of the dense float64 Hessian, ragged batches included; the
-    GGN's block is the block of the (dense-tested) full GGN; ravel/unravel map the block's
-    pytree."""
-    data = _data(key)
-    model = _model(name, batchnorm, data)
-    population = data["x"] if bn_mode == "population" else None
-    obj = make_objective(model, "cross_entropy", bn_mode=bn_mode, population_data=population)
-    top = sorted(obj.params)  # module attribute names, e.g. head / linears / norms
-    first = top[0]
-    mask = {key: key == first for key in top}  # a prefix of the params tree
-    leaves_mask = [
-        path[0].key == first for path, _ in jax.tree_util.tree_leaves_with_path(obj.params)
-    ]
-    for wrt in (mask, lambda path: path.split("/")[0] == first):
-        op = hs.hessian_operator(obj.loss_fn, obj.params, data, batch_size=4, wrt=wrt)
-        ref = _block_reference(obj, data, 4, leaves_mask)
-        assert op.dim == ref.shape[0] < sum(np.size(a) for a in jax.tree.leaves(obj.params))
-        norm = max(np.linalg.norm(ref, 2), 1e-12)
-        np.testing.assert_allclose(op.to_dense(), ref, rtol=0, atol=1e-10 * norm)
-    block = op.unravel(np.arange(op.dim, dtype=np.float64))
-    assert all(not jax.tree.leaves(v) for k, v in block.items() if k != first)
-    np.testing.assert_array_equal(op.ravel(block), np.arange(op.dim))
-    np.testing.assert_array_equal(  # a full params-shaped pytree: its block is taken
-        op.ravel(jax.tree.map(jnp.ones_like, obj.params)), np.ones(op.dim)
-    )
-    model_fn = jax.tree_util.Partial(lambda f, p, b: f(p, b["x"]), obj.logits_fn)
-    ggn = hs.ggn_operator(model_fn, obj.output_loss_fn, obj.params, data, batch_size=4)
-    ggn_block = hs.ggn_operator(
-        model_fn, obj.output_loss_fn, obj.params, data, batch_size=4, wrt=mask
-    )
-    index = np.flatnonzero(
-        np.repeat(leaves_mask, [np.size(a) for a in jax.tree.leaves(obj.params)])
-    )
-    full = ggn.to_dense()
-    np.testing.assert_allclose(
-        ggn_block.to_dense(), full[np.ix_(index, index)], rtol=0, atol=1e-12 * np.abs(full).max()
-    )
 
 
 def test_block_errors_name_the_paths(key):
