@@ -358,6 +358,12 @@ def _reference_flag_loss(params, batch, mean=None, var=None):
     return -jnp.take_along_axis(log_p, batch["y"][:, None], axis=1).mean()
 
 
+@jax.jit
+def _loss(loss_fn, params, batch):
+    """An objective's loss, compiled (flax models run slowly op by op)."""
+    return loss_fn(params, batch)
+
+
 @pytest.mark.parametrize("mode", ho.BN_MODES)
 def test_train_flag_model_hessian_against_dense_reference(digits, mode):
     """A model called as model(x, train=...): loss and Hessian operator (ragged batches)
@@ -383,8 +389,8 @@ def test_train_flag_model_hessian_against_dense_reference(digits, mode):
     else:
         stats = (None, None)
 
-    value = obj.loss_fn(obj.params, data)
-    assert value == obj.loss_fn(obj.params, data)  # dropout off: deterministic
+    value = _loss(obj.loss_fn, obj.params, data)
+    assert value == _loss(obj.loss_fn, obj.params, data)  # dropout off: deterministic
     np.testing.assert_allclose(value, _reference_flag_loss(p0, data, *stats), rtol=1e-12)
 
     # the inverse flag: deterministic = not train
@@ -392,7 +398,7 @@ def test_train_flag_model_hessian_against_dense_reference(digits, mode):
         _flag_model(DeterministicMLP), bn_mode=mode, eval_flag="deterministic", **kw
     )
     assert inverse.logits_fn.func.flag_value == (mode != "train")
-    np.testing.assert_allclose(inverse.loss_fn(inverse.params, data), value, rtol=1e-14)
+    np.testing.assert_allclose(_loss(inverse.loss_fn, inverse.params, data), value, rtol=1e-14)
 
     # the operator over batches of 10, 10, 3 against sum_b (|b|/N) dense Hess L_b
     flat0, unravel = ravel_pytree(p0)
@@ -430,13 +436,13 @@ def test_float64_data_float32_model_computes_in_float32_without_warning(digits, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         obj = ho.make_objective(model, bn_mode=mode, train_flag="train")
-        value, grad = jax.value_and_grad(obj.loss_fn)(obj.params, batch)
-        logits = obj.logits_fn(obj.params, x64)
+        value, grad = jax.jit(jax.value_and_grad(obj.loss_fn))(obj.params, batch)
+        logits = jax.jit(obj.logits_fn)(obj.params, x64)
     assert value.dtype == jnp.float32 and logits.dtype == jnp.float32
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grad))
     # the same numbers as float32 inputs
     batch32 = {"x": x64.astype(np.float32), "y": batch["y"]}
-    assert obj.loss_fn(obj.params, batch32) == value
+    assert jax.jit(obj.loss_fn)(obj.params, batch32) == value
     # and the float64 reference of the float32 parameters agrees to float32 accuracy
     p64 = jax.tree.map(lambda v: np.asarray(v, np.float64), obj.params)
     stats = (None, None) if mode == "train" else (model.bn.mean[...], model.bn.var[...])
@@ -602,9 +608,9 @@ def test_float64_model_with_float32_flax_statistics(digits):
         warnings.simplefilter("error")
         train = ho.make_objective(net, bn_mode="train")
         assert train.stats["bn"]["mean"].dtype == F64
-        value = jax.value_and_grad(train.loss_fn)(train.params, batch)[0]
+        value = jax.jit(jax.value_and_grad(train.loss_fn))(train.params, batch)[0]
         evaluate = ho.make_objective(net, bn_mode="eval")
-        eval_value = evaluate.loss_fn(evaluate.params, batch)
+        eval_value = _loss(evaluate.loss_fn, evaluate.params, batch)
     np.testing.assert_array_equal(evaluate.stats["bn"]["mean"], net.bn.mean[...])
     net.eval()
     expected = optax.softmax_cross_entropy_with_integer_labels(net(batch["x"]), batch["y"]).mean()
