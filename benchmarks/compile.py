@@ -38,7 +38,7 @@ FOLLOW_UPS = (
 )
 
 
-def _measure(model_name: str, cache_dir: str | None) -> dict:
+def _measure(model_name: str, cache_dir: str | None, first_only: bool) -> dict:
     """Runs in a fresh process: the measurements of one model."""
     import jax
 
@@ -84,6 +84,8 @@ def _measure(model_name: str, cache_dir: str | None) -> dict:
 
     out["first"] = timed(first)
     op = state["op"]
+    if first_only:
+        return out
     out["params"] = op.dim
     out["steady"] = timed(lambda: hs.top_eigenpairs(op, 10))
     new_params = jax.tree.map(lambda a: a * 1.01, obj.params)
@@ -104,10 +106,12 @@ def _measure(model_name: str, cache_dir: str | None) -> dict:
     return out
 
 
-def _run_child(model_name: str, cache_dir: str | None) -> dict:
+def _run_child(model_name: str, cache_dir: str | None, first_only: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", model_name]
     if cache_dir:
         cmd += ["--cache", cache_dir]
+    if first_only:
+        cmd += ["--first-only"]
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -121,9 +125,10 @@ def main() -> None:
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--first-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_measure(args.child, args.cache)))
+        print(json.dumps(_measure(args.child, args.cache, args.first_only)))
         return
     print(f"load average {os.getloadavg()}", flush=True)
     header = (
@@ -137,8 +142,8 @@ def main() -> None:
     for name in args.models:
         cold = _run_child(name, None)
         with tempfile.TemporaryDirectory() as cache:
-            _run_child(name, cache)  # fills the persistent cache
-            warm = _run_child(name, cache)
+            _run_child(name, cache, first_only=True)  # fills the persistent cache
+            warm = _run_child(name, cache, first_only=True)
         cold["first_warm_cache"] = warm["first"]
         results.append(cold)
         fu = cold["follow_ups"]

@@ -125,6 +125,7 @@ def test_ggn_matches_dense_reference_and_splits_hessian(key, batch_size):
     flat, unravel = ravel_pytree(params)
     n = data["y"].shape[0]
     bs = n if batch_size is None else batch_size
+
     @jax.jit
     def batch_ggn(b):  # J^T H_out J of one batch, one compile a shape
         jac = jax.jacobian(lambda p: _mlp_logits(unravel(p), b["x"]).ravel())(flat)
