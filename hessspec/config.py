@@ -187,13 +187,11 @@ class AnalysisConfig:
     slq_probes: int = _f(10, "SLQ density: number of random probe vectors")
     slq_steps: int = _f(90, "SLQ density: Lanczos steps per probe")
     slq_probe_batch_size: int = _f(
-        1, "SLQ probes run together (vmapped); 0: all at once. 1 is fastest on a CPU"
+        1, "kept so that older configs load; no effect (the probes run one after another)"
     )
     trace_matvecs: int = _f(300, "Hessian-vector products spent on the trace estimate")
     matvec_batch_size: int = _f(
-        1,
-        "matvecs run together (vmapped) in the trace estimate and the eigenpair residual "
-        "check; 0: all at once. 1 compiles fastest and runs as fast on a CPU",
+        1, "kept so that older configs load; no effect (the solvers run one matvec at a time)"
     )
     trace_method: str = _f("hutch++", "trace estimator: 'hutch++' or 'hutchinson'")
     num_minibatches: int = _f(

@@ -349,12 +349,13 @@ def _memory_options(
 ) -> list[str]:
     """Config changes (as ``--set`` options) that lower ``peak``, largest saving first.
 
-    Savings are rough: the basis halves with float32; the basis shrinks with the number of
-    steps and with fewer SLQ probes at once; the HVP working set shrinks with the chunk
-    size; the operator's data with the analysis set.
+    Savings are rough: the basis halves with float32, and shrinks with the number of steps
+    above the smallest basis (128 rows); the HVP working set shrinks with the chunk size;
+    the operator's data with the analysis set.
     """
     import jax
 
+    from hessspec.krylov import MIN_BASIS_ROWS, basis_rows
     from hessspec.linop import basis_dtype as resolve_basis_dtype
 
     s = settings
@@ -371,41 +372,32 @@ def _memory_options(
                 "--set analysis.basis_memory=host (the Krylov bases in host memory)",
             )
         )
+    # the basis has basis_rows(m) >= 128 rows: fewer steps help only above that
     if peak.solver == "top_eigenpairs":
-        m = s.lanczos_steps or min(num_params, max(2 * s.top_k + 20, 3 * s.top_k))
-        if m > s.top_k + 1:
+        m = s.lanczos_steps or min(num_params, basis_rows(max(2 * s.top_k + 20, 3 * s.top_k)))
+        if m > MIN_BASIS_ROWS:
             options.append(
                 (
-                    basis_bytes // 3,
-                    f"fewer Lanczos steps, --set analysis.lanczos_steps=N with {s.top_k} < N < "
-                    f"{m} (the basis has N vectors)",
+                    basis_bytes // 2,
+                    f"fewer Lanczos steps, --set analysis.lanczos_steps=N with {s.top_k} < N <= "
+                    f"{MIN_BASIS_ROWS} (the basis has at least {MIN_BASIS_ROWS} rows)",
                 )
             )
-    elif peak.solver == "spectral_density":
-        pb = min(s.slq_probe_batch_size or s.slq_probes, s.slq_probes)
-        if pb > 1:
-            options.append(
-                (
-                    basis_bytes * (pb - 1) // pb,
-                    f"--set analysis.slq_probe_batch_size=1 (now {pb} probes, each with its "
-                    "own basis, at once)",
-                )
-            )
+    elif peak.solver == "spectral_density" and s.slq_steps > MIN_BASIS_ROWS:
         options.append(
             (
-                basis_bytes // 3,
-                f"fewer SLQ steps, --set analysis.slq_steps=N with N < {s.slq_steps}",
+                basis_bytes // 2,
+                f"fewer SLQ steps, --set analysis.slq_steps=N with N <= {MIN_BASIS_ROWS}",
             )
         )
-    elif peak.solver == "trace":
+    elif peak.solver == "trace" and s.trace_matvecs // 3 > MIN_BASIS_ROWS:
         options.append(
             (
-                int(peak.probes) // 2,
-                f"fewer trace matvecs, --set analysis.trace_matvecs=N with N < {s.trace_matvecs}",
+                basis_bytes // 2,
+                "fewer trace matvecs, --set analysis.trace_matvecs=N with N <= "
+                f"{3 * MIN_BASIS_ROWS} (Hutch++ keeps N/3 vectors)",
             )
         )
-    if peak.solver in ("top_eigenpairs", "trace") and s.matvec_batch_size != 1:
-        options.append((int(peak.hvp) // 2, "--set analysis.matvec_batch_size=1"))
     chunk = s.chunk_size or analysis_size
     if peak.hvp and chunk > s.hvp_batch_size:
         options.append(
@@ -1205,8 +1197,8 @@ def _epilog() -> str:
         "",
         "memory: before training the run prints what its largest analysis call needs and what is",
         "available, and refuses (exit status 2) when it does not fit; lower the need with",
-        "analysis.basis_dtype=float32, analysis.slq_probe_batch_size, analysis.chunk_size, fewer",
-        "analysis.lanczos_steps / analysis.slq_steps, or set a budget with --memory-limit.",
+        "analysis.basis_dtype=float32, analysis.chunk_size, fewer analysis.lanczos_steps /",
+        "analysis.slq_steps above 128, or set a budget with --memory-limit.",
         "",
         "compilation cache: compiled XLA programs are kept in ~/.cache/hessspec/jax (or "
         "$XDG_CACHE_HOME/hessspec/jax)",
