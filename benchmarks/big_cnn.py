@@ -9,7 +9,7 @@ Settings (the defaults below; each is a flag):
 
 - operator over all 1797 digits in one batch (``--batch-size``: on 2 CPU cores one batch is
   the fastest; a batch size only bounds the HVP working set), then
-  :func:`hessspec.linop.linearize` (the loss's forward/backward pass at the parameters done
+  :func:`hessspec.linalg.linop.linearize` (the loss's forward/backward pass at the parameters done
   once: ~100 MiB kept, each HVP ~20% cheaper; ``--no-linearize`` to compare);
 - ``basis_dtype="float32"`` for both solvers: half the basis memory and half the
   reorthogonalization traffic (the basis is the only O(steps x 1e6) object);
@@ -39,9 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import build_model, peak_rss_bytes  # noqa: E402
 
 import hessspec as hs  # noqa: E402
-from hessspec import memory  # noqa: E402
-from hessspec.linop import linearize  # noqa: E402
-from hessspec.objective import make_objective  # noqa: E402
+from hessspec.linalg import memory  # noqa: E402
+from hessspec.linalg.linop import linearize  # noqa: E402
+from hessspec.nn.objective import make_objective  # noqa: E402
 
 
 def main():

@@ -5,10 +5,10 @@ imported from the scripts' own directory.
 
 Model families on digits (8x8x1 images, 10 classes):
 
-- ``mlp``: :class:`hessspec.models.MLP` with two equal hidden layers of width ``h``
+- ``mlp``: :class:`hessspec.nn.models.MLP` with two equal hidden layers of width ``h``
   (``64 h + h^2 + 10 h`` weights plus biases).
 - ``cnn``: :class:`WideHeadCNN`, the bundled CNN's convolutional trunk (3x3 convolutions with
-  16 and 32 channels, ReLU, 2x2 average pooling, as :class:`hessspec.models.CNN`) followed
+  16 and 32 channels, ReLU, 2x2 average pooling, as :class:`hessspec.nn.models.CNN`) followed
   by two dense hidden layers of width ``h`` and the output layer. The parameter count grows
   through the dense head: XLA's CPU convolutions are slow on 8x8 images (a pure-convolution
   CNN with channels (64, 128), 8e4 parameters, takes ~0.7 s per HVP over 1437 digits on 2
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hessspec.models import CNN, MLP
+from hessspec.nn.models import CNN, MLP
 
 __all__ = [
     "WideHeadCNN",
@@ -42,7 +42,7 @@ __all__ = [
 class WideHeadCNN(nnx.Module):
     """The bundled CNN's convolutional trunk, then a dense head with hidden layers.
 
-    Trunk: :class:`hessspec.models.CNN` with ``channels`` (3x3 convolutions, ReLU, 2x2
+    Trunk: :class:`hessspec.nn.models.CNN` with ``channels`` (3x3 convolutions, ReLU, 2x2
     average pooling; 8x8 digits end at 2x2x32 features), whose linear "head" maps those
     features to ``hidden[0]``; then ``ReLU -> Dense(hidden[1]) -> ... -> Dense(K)``.
 
@@ -101,7 +101,7 @@ def width_for_params(family: str, target: int) -> int:
 
 
 def build_model(family: str, width: int, dtype=jnp.float32, seed: int = 0) -> nnx.Module:
-    """``mlp`` (:class:`hessspec.models.MLP`, two hidden layers of ``width``) or ``cnn``
+    """``mlp`` (:class:`hessspec.nn.models.MLP`, two hidden layers of ``width``) or ``cnn``
     (:class:`WideHeadCNN` with two dense hidden layers of ``width``; 0: the bundled CNN)."""
     rngs = nnx.Rngs(seed)
     if family == "mlp":

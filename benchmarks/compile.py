@@ -57,9 +57,9 @@ def _measure(model_name: str, cache_dir: str | None, first_only: bool) -> dict:
 
     import hessspec as hs
     from hessspec.compilation_cache import enable_compilation_cache
-    from hessspec.data import load_digits
-    from hessspec.models import make_model
-    from hessspec.objective import make_objective
+    from hessspec.nn.data import load_digits
+    from hessspec.nn.models import make_model
+    from hessspec.nn.objective import make_objective
 
     if cache_dir:
         enable_compilation_cache(cache_dir)

@@ -30,9 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import hessspec as hs  # noqa: E402
-from hessspec.data import load_digits  # noqa: E402
-from hessspec.models import make_model  # noqa: E402
-from hessspec.objective import make_objective  # noqa: E402
+from hessspec.nn.data import load_digits  # noqa: E402
+from hessspec.nn.models import make_model  # noqa: E402
+from hessspec.nn.objective import make_objective  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import in_loop_hvp_seconds, median_seconds  # noqa: E402

@@ -1,6 +1,6 @@
 """ResNet-18 on CIFAR-shaped synthetic images: HVP/gradient ratio, top-k eigenpairs, SLQ.
 
-The model is :class:`hessspec.models.ResNet` in its CIFAR ResNet-18 shape (3x3 stem, four
+The model is :class:`hessspec.nn.models.ResNet` in its CIFAR ResNet-18 shape (3x3 stem, four
 stages of two basic blocks with 64, 128, 256 and 512 channels, global average pooling;
 11.2M parameters), without and with BatchNorm (train mode: each batch of ``--batch-size``
 normalised with its own statistics). The data are ``--n`` standard-normal 32x32x3 images with
@@ -34,9 +34,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import hessspec as hs  # noqa: E402
-from hessspec import memory  # noqa: E402
-from hessspec.models import ResNet  # noqa: E402
-from hessspec.objective import make_objective  # noqa: E402
+from hessspec.linalg import memory  # noqa: E402
+from hessspec.nn.models import ResNet  # noqa: E402
+from hessspec.nn.objective import make_objective  # noqa: E402
 
 
 def _peak_bytes() -> tuple[int, str]:

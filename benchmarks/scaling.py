@@ -16,7 +16,7 @@ Columns:
   over ``m`` standalone HVPs; in brackets over ``m`` in-loop HVPs (the stricter measure).
   Reported for the default float64 basis and for ``basis_dtype="float32"``.
 - peak RSS: ``ru_maxrss`` of the subprocess (includes the JAX runtime, ~0.4 GiB);
-  estimate: :func:`hessspec.memory.estimate_memory` of the Lanczos run.
+  estimate: :func:`hessspec.linalg.memory.estimate_memory` of the Lanczos run.
 
 Usage (run from the repository root; each part well under 10 minutes on 2 cores)::
 
@@ -51,9 +51,9 @@ def worker(args) -> dict:
     from common import build_model, in_loop_hvp_seconds, median_seconds, peak_rss_bytes
 
     import hessspec as hs
-    from hessspec import memory
-    from hessspec.conv_layout import canonical_convolutions
-    from hessspec.objective import make_objective
+    from hessspec.curvature.conv_layout import canonical_convolutions
+    from hessspec.linalg import memory
+    from hessspec.nn.objective import make_objective
 
     t0 = time.perf_counter()
     data = hs.load_digits("train", dtype=np.float32)
@@ -84,7 +84,7 @@ def worker(args) -> dict:
             parts.append(size * obj.loss_fn(params, rem))
         return sum(parts) / n_total
 
-    # canonical convolution layout as in the operator (hessspec.conv_layout): lax.map is a
+    # canonical convolution layout as in the operator (hessspec.curvature.conv_layout): lax.map is a
     # loop, where XLA:CPU would otherwise run the gradient's convolutions slowly
     grad = jax.jit(canonical_convolutions(jax.grad(total_loss)))
     t_grad = median_seconds(lambda: grad(flat_params).block_until_ready(), reps)

@@ -1,5 +1,5 @@
 """``python -m hessspec``: the same command line as ``python -m hessspec.run``."""
 
-from hessspec.run import run_as_command
+from hessspec.cli.main import run_as_command
 
 run_as_command()

@@ -1,7 +1,8 @@
 """Ctrl-C while ``python -m hessspec.run`` is still loading: one line, exit status 130.
 
 ``python -m hessspec.run`` imports the package (JAX, flax, ...) for a second or two before
-the command line's own interrupt handling (:class:`hessspec.interrupts.InterruptGuard`)
+the command line's own interrupt handling
+(:class:`hessspec.studies.common.interrupts.InterruptGuard`)
 starts. Imported first by ``hessspec/__init__.py``, this module makes SIGINT and SIGTERM in
 that window print one line and end the process (nothing has been written yet) instead of
 printing a traceback of the imports. It does so only when the process was started as

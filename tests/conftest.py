@@ -9,7 +9,7 @@ import os
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Test programs are tiny: XLA's LLVM optimization costs more compile time than it saves run
 # time, and compilation dominates the suite on 2 cores. Level 0 for every program but the
-# solver engine and its helpers, which pin their own levels (hessspec.krylov), so the
+# solver engine and its helpers, which pin their own levels (hessspec.linalg.krylov), so the
 # solvers run here exactly as shipped. Subprocesses (CLI, workers, notebook kernels) inherit.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (

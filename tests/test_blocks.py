@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 import hessspec as hs
-from hessspec.data import load_digits
-from hessspec.models import make_model
-from hessspec.objective import make_objective
+from hessspec.curvature.operators import flat_layout
+from hessspec.nn.data import load_digits
+from hessspec.nn.models import make_model
+from hessspec.nn.objective import make_objective
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_layer_blocks_match_dense_diagonal_blocks(problem):
     dense = flat_op.to_dense()
     sizes = [int(np.size(a)) for a in jax.tree.leaves(obj.params)]
     offsets = np.cumsum([0, *sizes])
-    paths = hs.operators.flat_layout(obj.params).paths
+    paths = flat_layout(obj.params).paths
     for block in res.blocks:
         index = np.concatenate(
             [np.arange(offsets[i], offsets[i + 1]) for i, p in enumerate(paths) if p in block.paths]

@@ -10,7 +10,10 @@ import pytest
 from flax import nnx
 
 import hessspec as hs
-from hessspec.checkpoint import (
+from hessspec.nn.data import load_digits, subsample
+from hessspec.nn.train import train
+from hessspec.studies.batchnorm_spectrum.config import Config, apply_overrides
+from hessspec.studies.common.checkpoint import (
     CheckpointError,
     build_model,
     checkpoint_path,
@@ -20,9 +23,6 @@ from hessspec.checkpoint import (
     save_params,
     saved_checkpoints,
 )
-from hessspec.config import Config, apply_overrides
-from hessspec.data import load_digits, subsample
-from hessspec.train import train
 
 CONFIG = apply_overrides(
     Config(), ["model.hidden=[8]", "train.steps=12", "train.batch_size=16", "seed=3"]
@@ -106,8 +106,8 @@ def test_a_saved_state_loads_back_exactly(tmp_path, digits):
 
 def test_random_key_state_round_trips(tmp_path, digits):
     """A model whose state holds PRNG keys (noisy BatchNorm) saves and loads them."""
-    from hessspec.models import make_model
-    from hessspec.train import TrainingState, make_optimizer
+    from hessspec.nn.models import make_model
+    from hessspec.nn.train import TrainingState, make_optimizer
 
     model = make_model("mlp", digits.input_shape, 10, True, seed=0, hidden=[8],
                        noisy_batchnorm=True)  # fmt: skip

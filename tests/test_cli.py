@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import hessspec as hs
-from hessspec.config import (
+from hessspec.cli.main import EXPERIMENTS, main
+from hessspec.studies.batchnorm_spectrum.config import (
     Config,
     ConfigError,
     apply_overrides,
@@ -24,8 +25,7 @@ from hessspec.config import (
     to_toml,
     validate,
 )
-from hessspec.report import load_results, validate_results
-from hessspec.run import EXPERIMENTS, main
+from hessspec.studies.batchnorm_spectrum.report import load_results, validate_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -286,7 +286,7 @@ def _fake_analyse(self, objective, key, seed=0, on_stage=None):
     resumed run that restored other parameters would record other numbers."""
     from jax.flatten_util import ravel_pytree
 
-    from hessspec.study import CheckpointAnalysis
+    from hessspec.studies.batchnorm_spectrum.analyzer import CheckpointAnalysis
 
     for stage in ("hessian", "top eigenpairs", "density", "trace", "gradients", "metrics"):
         if on_stage:
@@ -311,7 +311,7 @@ def _fake_analyse(self, objective, key, seed=0, on_stage=None):
 def fake_analysis(monkeypatch):
     """Analyses replaced by :func:`_fake_analyse`; returns the list of analysed steps'
     calls, and lets a test raise at the n-th call (``interrupt_at``)."""
-    from hessspec.study import CheckpointAnalyzer
+    from hessspec.studies.batchnorm_spectrum.analyzer import CheckpointAnalyzer
 
     calls = []
     control = {"interrupt_at": None}
@@ -410,9 +410,9 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
       curve), and the sessions trained steps 0-11 and 11-16, none twice;
     - ``analyze`` of A with ``analysis.top_k=30`` writes 30 eigenvalues per checkpoint
       without training, the top ones those of A."""
-    import hessspec.train
-    from hessspec.report import compare_results
-    from hessspec.study import CheckpointAnalyzer
+    import hessspec.nn.train
+    from hessspec.studies.batchnorm_spectrum.analyzer import CheckpointAnalyzer
+    from hessspec.studies.batchnorm_spectrum.report import compare_results
 
     args = [*TINY, "--set", "analysis.bn_modes=[\"eval\"]", "--set",
             "train.checkpoints=[0,8,16]"]  # fmt: skip
@@ -421,7 +421,7 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
     reference = _assert_whole(ref)
 
     steps_run = []  # one loss per update the optimizer takes
-    real_append, real_batch = hessspec.train.LossCurve.append, hessspec.train.BatchOrder.batch
+    real_append, real_batch = hessspec.nn.train.LossCurve.append, hessspec.nn.train.BatchOrder.batch
 
     def counting_append(self, value):
         steps_run.append(len(self))
@@ -433,8 +433,8 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
         return real_batch(self, step)
 
     interrupting_batch.stop_at = 11
-    monkeypatch.setattr(hessspec.train.LossCurve, "append", counting_append)
-    monkeypatch.setattr(hessspec.train.BatchOrder, "batch", interrupting_batch)
+    monkeypatch.setattr(hessspec.nn.train.LossCurve, "append", counting_append)
+    monkeypatch.setattr(hessspec.nn.train.BatchOrder, "batch", interrupting_batch)
     assert main([*args, "--out", str(out)]) == 130
     first = load_results(out)[0]
     assert (first["status"], first["stopped_during"]) == ("interrupted", "training")
@@ -466,8 +466,8 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
     def no_training(*a, **k):
         raise AssertionError("analyze trained")
 
-    monkeypatch.setattr(hessspec.train, "train", no_training)
-    monkeypatch.setattr(hessspec.train.BatchOrder, "batch", no_training)
+    monkeypatch.setattr(hessspec.nn.train, "train", no_training)
+    monkeypatch.setattr(hessspec.nn.train.BatchOrder, "batch", no_training)
     top30 = tmp_path / "top30"
     assert main(["analyze", str(ref), "--out", str(top30), "--set", "analysis.top_k=30",
                  "--no-progress"]) == 0  # fmt: skip
@@ -487,7 +487,7 @@ def test_analyze_parameters_trained_elsewhere(tmp_path, fake_analysis, capsys):
     """``analyze --params FILE --config CFG``: the parameters of the file are the ones
     analysed (the stand-in analysis measures their norm: it finds the trained network's
     numbers, not the initial network's), recorded as step 0 without a loss curve."""
-    from hessspec.checkpoint import save_params
+    from hessspec.studies.common.checkpoint import save_params
 
     run = tmp_path / "run"
     assert main([*PLAIN, "--out", str(run)]) == 0
@@ -508,7 +508,7 @@ def test_interrupt_while_writing_the_output_is_recorded(tmp_path, fake_analysis,
     """SIGTERM while the figures are drawn: results.json says "interrupted" while "writing
     the output" and lists the figures already written (never "complete" with files
     missing); --resume writes the rest."""
-    from hessspec import plots
+    from hessspec.studies.batchnorm_spectrum import plots
 
     real = plots.draw_all
 
@@ -538,8 +538,8 @@ def test_full_disk_leaves_a_consistent_folder(tmp_path, fake_analysis, monkeypat
     holds; once there is room again --resume completes the run."""
     import errno
 
-    from hessspec.report import ResultsWriter
-    from hessspec.runfolder import OutputWriteError
+    from hessspec.studies.batchnorm_spectrum.report import ResultsWriter
+    from hessspec.studies.common.runfolder import OutputWriteError
 
     real = ResultsWriter._write_npz
     writes = []
@@ -605,7 +605,7 @@ def test_overwrite_replaces_only_after_success(tmp_path, fake_analysis, capsys):
 def test_a_second_writer_is_refused(tmp_path, fake_analysis, capsys):
     """While a run holds the folder, another run into it (with --overwrite or --resume) is
     refused with exit 2 and changes nothing."""
-    from hessspec.runfolder import FolderLock
+    from hessspec.studies.common.runfolder import FolderLock
 
     out = tmp_path / "out"
     assert main([*PLAIN, "--out", str(out)]) == 0
@@ -705,12 +705,12 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, case, needle, no_g
         args += ["--set", "data.name=cifar10", "--set", f"data.path={tmp_path / 'cifar'}",
                  "--set", "model.name=mlp"]  # fmt: skip
     elif case == "ctrl-c during start-up":
-        import hessspec.run
+        import hessspec.cli.main
 
         def interrupted(config):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(hessspec.run, "prepare_study", interrupted)
+        monkeypatch.setattr(hessspec.cli.main, "prepare_study", interrupted)
         status = 130
     assert main(args) == status
     err = capsys.readouterr().err
@@ -831,12 +831,12 @@ def _no_training(*args, **kwargs):
 def test_memory_line_before_training(tmp_path, monkeypatch, capsys):
     """A run prints the memory its analysis needs and what is available, before training
     (and before it writes anything)."""
-    import hessspec.run
+    import hessspec.cli.main
 
     def stop(setup, out_dir, **kwargs):
         raise _Stop
 
-    monkeypatch.setattr(hessspec.run, "run_study", stop)
+    monkeypatch.setattr(hessspec.cli.main, "run_study", stop)
     with pytest.raises(_Stop):
         main([*TINY, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -848,9 +848,9 @@ def test_memory_line_before_training(tmp_path, monkeypatch, capsys):
 def test_memory_limit_refuses_before_training(tmp_path, monkeypatch, capsys):
     """A budget below the estimate: exit status 2 before any training, with what the
     analysis needs, what is available and the options that lower the need; nothing written."""
-    import hessspec.train
+    import hessspec.nn.train
 
-    monkeypatch.setattr(hessspec.train, "train", _no_training)
+    monkeypatch.setattr(hessspec.nn.train, "train", _no_training)
     out = tmp_path / "out"
     assert main([*TINY, "--memory-limit", "1e-5", "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -879,10 +879,10 @@ def test_memory_preflight_and_basis_dtype_reach_the_solvers(monkeypatch):
     and budget reach top_eigenpairs."""
     import jax
 
-    import hessspec.study
-    from hessspec.objective import make_objective
-    from hessspec.run import analysis_settings, memory_preflight, prepare_study
-    from hessspec.study import CheckpointAnalyzer
+    import hessspec.studies.batchnorm_spectrum.analyzer
+    from hessspec.cli.main import analysis_settings, memory_preflight, prepare_study
+    from hessspec.nn.objective import make_objective
+    from hessspec.studies.batchnorm_spectrum.analyzer import CheckpointAnalyzer
 
     jax.config.update("jax_enable_x64", True)
     args = ["model.hidden=[8]", "model.batchnorm=[true]", "analysis.size=64",
@@ -913,7 +913,9 @@ def test_memory_preflight_and_basis_dtype_reach_the_solvers(monkeypatch):
         calls.update(kwargs)
         raise _Stop
 
-    monkeypatch.setattr(hessspec.study, "top_eigenpairs", fake_top_eigenpairs)
+    monkeypatch.setattr(
+        hessspec.studies.batchnorm_spectrum.analyzer, "top_eigenpairs", fake_top_eigenpairs
+    )
     net = setup32.networks[0]
     obj = make_objective(net.model, config.model.loss, bn_mode="train")
     settings = analysis_settings(setup32)[net.name]
@@ -941,21 +943,21 @@ def test_basis_dtype_and_memory_limit_config():
 
 
 def test_multi_process_flags_reach_initialize_first(tmp_path, monkeypatch, capsys):
-    """--coordinator/--num-processes/--process-id reach hessspec.distributed.initialize,
+    """--coordinator/--num-processes/--process-id reach hessspec.curvature.distributed.initialize,
     which runs before the data is loaded; a failure to join stops with a clear message."""
-    import hessspec.distributed
-    import hessspec.run
+    import hessspec.cli.main
+    import hessspec.curvature.distributed
 
     order = []
     monkeypatch.setattr(
-        hessspec.distributed, "initialize", lambda *a: order.append(("initialize", a))
+        hessspec.curvature.distributed, "initialize", lambda *a: order.append(("initialize", a))
     )
 
     def prepare(config):
         order.append(("prepare_study",))
         raise _Stop
 
-    monkeypatch.setattr(hessspec.run, "prepare_study", prepare)
+    monkeypatch.setattr(hessspec.cli.main, "prepare_study", prepare)
     out = tmp_path / "out"
     flags = ["--coordinator", "localhost:23456", "--num-processes", "2", "--process-id", "1"]
     with pytest.raises(_Stop):
@@ -966,7 +968,7 @@ def test_multi_process_flags_reach_initialize_first(tmp_path, monkeypatch, capsy
     def refuse(*args):
         raise RuntimeError("connection refused")
 
-    monkeypatch.setattr(hessspec.distributed, "initialize", refuse)
+    monkeypatch.setattr(hessspec.curvature.distributed, "initialize", refuse)
     assert main([*TINY, *flags, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "(process 1 of 2): error: could not join the multi-process job at" in err
@@ -991,9 +993,9 @@ def test_multi_process_flags_reach_initialize_first(tmp_path, monkeypatch, capsy
     ],
 )  # fmt: skip
 def test_bad_multi_process_flags(tmp_path, monkeypatch, capsys, flags, needle):
-    import hessspec.distributed
+    import hessspec.curvature.distributed
 
-    monkeypatch.setattr(hessspec.distributed, "initialize", _no_training)
+    monkeypatch.setattr(hessspec.curvature.distributed, "initialize", _no_training)
     with pytest.raises(SystemExit) as exc:
         main([*TINY, *flags, "--out", str(tmp_path / "out")])
     assert exc.value.code == 2

@@ -14,9 +14,9 @@ from jax import monitoring
 from reference import matrix_with_spectrum
 
 import hessspec as hs
-from hessspec.data import load_digits
-from hessspec.models import make_model
-from hessspec.objective import make_objective
+from hessspec.nn.data import load_digits
+from hessspec.nn.models import make_model
+from hessspec.nn.objective import make_objective
 
 _COMPILES: list[float] = []
 

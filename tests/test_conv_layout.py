@@ -8,9 +8,9 @@ import pytest
 from jax import lax
 
 import hessspec as hs
-from hessspec.conv_layout import canonical_conv, canonical_convolutions
-from hessspec.models import make_model
-from hessspec.objective import make_objective
+from hessspec.curvature.conv_layout import canonical_conv, canonical_convolutions
+from hessspec.nn.models import make_model
+from hessspec.nn.objective import make_objective
 
 CASES = [
     # (lhs shape, rhs shape, dimension numbers, strides, padding, lhs dil, rhs dil, groups)

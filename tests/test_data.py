@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from hessspec import data as hd
+from hessspec.nn import data as hd
 
 # --------------------------------------------------------------------------------------
 # Dataset

@@ -11,7 +11,7 @@ from reference import matrix_with_spectrum
 from scipy.stats import wasserstein_distance
 
 import hessspec as hs
-from hessspec.density import ghorbani_sigma
+from hessspec.linalg.density import ghorbani_sigma
 
 N = 300
 PROBES, STEPS = 10, 80  # one (probes, steps, dim) shape: one compilation of the SLQ program
@@ -163,7 +163,7 @@ def test_density_errors_and_nan_matvec(outlier_matrix):
 
 
 def test_blocked_basis_matches_one_block(outlier_matrix, monkeypatch):
-    from hessspec import krylov
+    from hessspec.linalg import krylov
 
     op = dense_op(outlier_matrix[0])
     one = hs.spectral_density(op, num_probes=3, num_steps=STEPS)

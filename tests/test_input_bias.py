@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import hessspec as hs
-from hessspec import input_bias as ib
-from hessspec.config import ConfigError
-from hessspec.theory import gd_steps_to_tolerance
+from hessspec.analysis.theory import gd_steps_to_tolerance
+from hessspec.studies.batchnorm_spectrum.config import ConfigError
+from hessspec.studies.input_bias import study as ib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,9 +268,9 @@ def test_run_accepts_a_mapping_and_checks_it(tmp_path):
 
 def test_hessian_of_linear_model_is_the_correlation_matrix():
     """The operator the study measures is R = X^T X / p exactly (float64)."""
-    from hessspec.data import synthetic_gaussian
-    from hessspec.models import make_model
-    from hessspec.objective import make_objective
+    from hessspec.nn.data import synthetic_gaussian
+    from hessspec.nn.models import make_model
+    from hessspec.nn.objective import make_objective
 
     data = synthetic_gaussian(50, 7, mean=1.0, seed=1, dtype=np.float64)
     model = make_model("linear", (7,), 0, False, dtype=jnp.float64, use_bias=False)

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from hessspec import interrupts
-from hessspec.interrupts import EXIT_INTERRUPTED, InterruptGuard
+from hessspec.studies.common import interrupts
+from hessspec.studies.common.interrupts import EXIT_INTERRUPTED, InterruptGuard
 
 
 def _signal_later(signum, delay):

@@ -7,8 +7,8 @@ import pytest
 from reference import matrix_with_spectrum
 
 import hessspec as hs
-from hessspec import lanczos
-from hessspec.lanczos import breakdown_tolerance, default_tolerance
+from hessspec.linalg import lanczos
+from hessspec.linalg.lanczos import breakdown_tolerance, default_tolerance
 
 N = 200
 M = 30  # one basis size for most tests: one compilation of the Lanczos loop
@@ -239,7 +239,7 @@ def test_plain_callable_reproducible_and_no_recompilation():
 def test_blocked_basis_matches_one_block(monkeypatch):
     """Large bases are stored in row blocks and reorthogonalized only against the filled
     ones; force that layout on a small problem and compare with the one-block results."""
-    from hessspec import krylov
+    from hessspec.linalg import krylov
 
     a, ev, q = matrix_with_spectrum(outliers_and_bulk(9), seed=9)
     op = dense_op(a)
@@ -268,7 +268,7 @@ def test_basis_in_host_memory(monkeypatch):
     """basis_memory="host": the basis (in blocks) lives in the pinned_host memory space
     through the compiled Lanczos steps and thick restarts, and every result equals the
     device-memory run."""
-    from hessspec import krylov
+    from hessspec.linalg import krylov
 
     monkeypatch.setattr(krylov, "BLOCKED_MIN_ELEMENTS", 0)
     a, ev, q = matrix_with_spectrum(outliers_and_bulk(5), seed=5)
@@ -348,7 +348,7 @@ def test_dgks_reorthogonalizes_when_a_pass_cancels():
     """A vector almost entirely inside the basis: one classical Gram-Schmidt pass leaves
     rounding-level components along the basis (~1e-8 of what is left); the DGKS criterion
     (a pass that shrinks the vector below 0.7 of its norm is repeated) removes them."""
-    from hessspec import krylov
+    from hessspec.linalg import krylov
 
     rng = np.random.default_rng(11)
     n = 500

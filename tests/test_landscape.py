@@ -9,7 +9,7 @@ from jax.flatten_util import ravel_pytree
 from reference import matrix_with_spectrum
 
 import hessspec as hs
-from hessspec import landscape
+from hessspec.analysis import landscape
 
 # ------------------------------------------------------------------ along the gradient
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hessspec as hs
-from hessspec.linop import basis_dtype, linearize, solver_dtype
+from hessspec.linalg.linop import basis_dtype, linearize, solver_dtype
 
 
 def test_linearized_hessian_is_the_same_operator(rng):

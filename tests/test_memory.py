@@ -7,7 +7,7 @@ import pytest
 from reference import matrix_with_spectrum
 
 import hessspec as hs
-from hessspec import krylov, memory
+from hessspec.linalg import krylov, memory
 
 N = 200
 M = 30

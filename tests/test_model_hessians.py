@@ -13,8 +13,8 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import hessspec as hs
-from hessspec.models import make_model
-from hessspec.objective import make_objective
+from hessspec.nn.models import make_model
+from hessspec.nn.objective import make_objective
 
 NUM_EXAMPLES = 10
 BATCH_SIZES = (None, 4)  # one batch; full batches in a scan and a ragged one (10 = 2*4 + 2)

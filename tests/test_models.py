@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hessspec import models as hm
+from hessspec.nn import models as hm
 
 F64 = jnp.float64
 _forward = nnx.jit(lambda model, x: model(x))  # one compilation per model, not per op

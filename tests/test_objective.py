@@ -13,9 +13,9 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import hessspec as hs
-from hessspec import data as hd
-from hessspec import models as hm
-from hessspec import objective as ho
+from hessspec.nn import data as hd
+from hessspec.nn import models as hm
+from hessspec.nn import objective as ho
 
 F64 = jnp.float64
 CONFIGS = {

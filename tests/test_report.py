@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from hessspec.report import (
+from hessspec.studies.batchnorm_spectrum.report import (
     ResultsWriter,
     atomic_write_bytes,
     atomic_write_text,
@@ -101,7 +101,7 @@ def test_prepare_output_dir(tmp_path):
     """For library use: an empty or missing folder is fine; one holding files refuses
     unless overwrite, which removes exactly the files the previous run listed (and the
     temporaries of killed runs), never the user's own."""
-    from hessspec.runfolder import OutputFolderError
+    from hessspec.studies.common.runfolder import OutputFolderError
 
     out = tmp_path / "new" / "deeper"
     assert prepare_output_dir(out, overwrite=False) == out and out.is_dir()
@@ -131,7 +131,7 @@ def test_prepare_output_dir(tmp_path):
 def test_a_checkpoint_is_listed_only_when_its_arrays_are_on_disk(tmp_path, monkeypatch):
     """A full disk while spectra.npz is written: nothing changes (results.json still lists
     the steps spectra.npz holds, in memory and on disk); the error names the file."""
-    from hessspec import runfolder
+    from hessspec.studies.common import runfolder
 
     writer = _study(tmp_path)
     before = (tmp_path / "results.json").read_text()

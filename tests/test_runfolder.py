@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from hessspec.runfolder import (
+from hessspec.studies.common.runfolder import (
     COMMIT_JOURNAL,
     LOCK_NAME,
     PENDING_NAME,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hessspec import santurkar as st
-from hessspec.config import ConfigError
-from hessspec.input_bias import _fmt, override_config
-from hessspec.models import make_model
-from hessspec.objective import make_objective
+from hessspec.nn.models import make_model
+from hessspec.nn.objective import make_objective
+from hessspec.studies.batchnorm_spectrum.config import ConfigError
+from hessspec.studies.input_bias.study import _fmt, override_config
+from hessspec.studies.santurkar import study as st
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from hessspec import theory
+from hessspec.analysis import theory
 
 
 def _correlation_eigs(rng, num_inputs, num_samples, mean, variance):

@@ -9,11 +9,11 @@ import optax
 import pytest
 from flax import nnx
 
-from hessspec.config import TrainConfig
-from hessspec.data import load_digits, subsample
-from hessspec.models import make_model
-from hessspec.study import density_grid, resolve_settings
-from hessspec.train import batch_indices, make_optimizer, train
+from hessspec.nn.data import load_digits, subsample
+from hessspec.nn.models import make_model
+from hessspec.nn.train import batch_indices, make_optimizer, train
+from hessspec.studies.batchnorm_spectrum.analyzer import density_grid, resolve_settings
+from hessspec.studies.batchnorm_spectrum.config import TrainConfig
 
 CFG = TrainConfig(steps=12, batch_size=16, learning_rate=0.05, momentum=0.9)
 
@@ -108,7 +108,7 @@ def test_bad_checkpoints_and_divergence(digits):
 
 
 def test_resolve_settings_and_density_grid():
-    from hessspec.config import AnalysisConfig
+    from hessspec.studies.batchnorm_spectrum.config import AnalysisConfig
 
     s = resolve_settings(AnalysisConfig(), TrainConfig(batch_size=64), 10, 5000, 512, 1000)
     assert s.top_k == 20 and s.hvp_batch_size == 64 and s.minibatch_size == 64
@@ -131,10 +131,10 @@ def test_analyzer_reuses_programs_with_new_params_and_statistics(digits, mode):
     checkpoint's objective over batches of 16 (40 examples: two full batches and a ragged
     one; in train mode each with its own statistics), and its gradient and metrics are
     that objective's."""
-    from hessspec.config import AnalysisConfig
-    from hessspec.objective import make_objective
-    from hessspec.operators import dataset_gradient, hessian_operator
-    from hessspec.study import CheckpointAnalyzer
+    from hessspec.curvature.operators import dataset_gradient, hessian_operator
+    from hessspec.nn.objective import make_objective
+    from hessspec.studies.batchnorm_spectrum.analyzer import CheckpointAnalyzer
+    from hessspec.studies.batchnorm_spectrum.config import AnalysisConfig
 
     # population mode: statistics that change between checkpoints (as in eval mode)
     model = make_model("mlp", digits.input_shape, 10, mode is not None, seed=0, hidden=[4])
@@ -174,7 +174,7 @@ def test_batch_order_resumes_anywhere():
     sequence without replaying earlier epochs (and survives a JSON round trip)."""
     import json
 
-    from hessspec.train import BatchOrder
+    from hessspec.nn.train import BatchOrder
 
     ref = batch_indices(50, 8, 40, seed=3)  # 6 batches per epoch: several epochs
     order = BatchOrder(50, 8, seed=3)
@@ -190,7 +190,7 @@ def test_batch_order_resumes_anywhere():
 def test_loss_curve_streams_to_the_host(digits):
     """The loss of every step reaches the host in chunks: never more than the cap pending
     on the device, the same values as computing them at once."""
-    from hessspec import train as htrain
+    from hessspec.nn import train as htrain
 
     pending = []
     real_append = htrain.LossCurve.append
@@ -216,7 +216,7 @@ def test_interrupted_training_resumes_to_the_same_state(digits, batchnorm):
     """KeyboardInterrupt between two steps: on_save receives the state reached (kind
     "interrupt"), consistent with the loss curve; training resumed from it takes exactly the
     remaining steps and ends in the uninterrupted state (parameters, BN statistics, losses)."""
-    from hessspec.train import LossCurve, TrainingState
+    from hessspec.nn.train import LossCurve, TrainingState
 
     cfg = dataclasses.replace(CFG, steps=30)
     ref_model = make_model("mlp", digits.input_shape, 10, batchnorm, seed=0, hidden=[8])
@@ -260,7 +260,7 @@ def test_interrupted_training_resumes_to_the_same_state(digits, batchnorm):
 
 
 def test_divergence_names_the_first_non_finite_step(digits):
-    from hessspec.train import LossCurve, TrainingDiverged
+    from hessspec.nn.train import LossCurve, TrainingDiverged
 
     model = make_model("mlp", digits.input_shape, 10, False, seed=0, hidden=[4])
     cfg = dataclasses.replace(CFG, steps=40)
@@ -287,7 +287,7 @@ def test_progress_bar_counts_training_time_only():
     import io
     import time
 
-    from hessspec.progress import Progress
+    from hessspec.nn.progress import Progress
 
     stream = io.StringIO()
     bar = Progress("bars", stream=stream).training("mlp", total=100)
@@ -305,7 +305,7 @@ def test_progress_bar_counts_training_time_only():
 def test_log_lines_when_not_a_terminal():
     import io
 
-    from hessspec.progress import Progress
+    from hessspec.nn.progress import Progress
 
     stream = io.StringIO()
     progress = Progress("auto", stream=stream)  # a StringIO is no terminal: log lines

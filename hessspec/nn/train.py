@@ -3,8 +3,9 @@
 :func:`train` runs a seeded mini-batch optimizer over a flax.nnx model and calls back at the
 checkpoint steps (step 0 = at initialization, before any update), with the model holding
 the parameters and BatchNorm running averages of that step. It knows nothing of Hessians
-(the callback analyses, see :mod:`hessspec.study`) nor of files (``on_save`` receives the
-:class:`TrainingState` to store, see :mod:`hessspec.checkpoint`).
+(the callback analyses, see :mod:`hessspec.studies.batchnorm_spectrum.analyzer`) nor of files
+(``on_save`` receives the
+:class:`TrainingState` to store, see :mod:`hessspec.studies.common.checkpoint`).
 
 BatchNorm layers train as usual: batch statistics in the forward pass, running averages
 updated at every step (so an ``"eval"``-mode analysis later sees the averages SGD left).
@@ -42,8 +43,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hessspec.config import TrainConfig
-from hessspec.objective import output_loss
+from hessspec.nn.objective import output_loss
 
 __all__ = [
     "BatchOrder",
@@ -55,6 +55,36 @@ __all__ = [
     "make_optimizer",
     "train",
 ]
+
+
+def _field(default, help: str):
+    """A dataclass field with a help text (shown by ``--help`` and in the docs)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """``[train]``: the optimizer, the training length and the analysis checkpoints."""
+
+    optimizer: str = _field("sgd", "'sgd' (with momentum) or 'adam'")
+    learning_rate: float = _field(0.003, "learning rate (constant)")
+    momentum: float = _field(0.9, "sgd: heavy-ball momentum (0 for plain SGD)")
+    nesterov: bool = _field(False, "sgd: Nesterov momentum")
+    adam_b1: float = _field(0.9, "adam: beta1")
+    adam_b2: float = _field(0.999, "adam: beta2")
+    weight_decay: float = _field(
+        0.0, "weight decay (L2 on the gradient for sgd, decoupled AdamW for adam)"
+    )
+    batch_size: int = _field(64, "training mini-batch size")
+    steps: int = _field(500, "number of optimizer steps")
+    checkpoints: tuple[int, ...] = _field(
+        (),
+        "steps at which to analyse the Hessian (0 = at initialization); empty: "
+        "train.num_checkpoints steps, 0 then doubling up to train.steps",
+    )
+    num_checkpoints: int = _field(
+        5, "number of automatic checkpoints when train.checkpoints is empty"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +144,7 @@ class TrainingState:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimizer a :class:`~hessspec.config.TrainConfig` describes.
+    """The optax optimizer a :class:`TrainConfig` describes.
 
     - ``"sgd"``: ``optax.sgd(learning_rate, momentum, nesterov)`` (plain SGD when momentum
       is 0), with ``weight_decay * params`` added to the gradient first (L2);
@@ -394,9 +424,9 @@ def train(
         on_checkpoint: ``(step, model, status) -> None``; ``model`` holds that step's
             state (it may read the model but must not change it); ``status(text)`` shows a
             short text on the progress display.
-        loss: ``"cross_entropy"`` or ``"mse"`` (see :func:`hessspec.objective.output_loss`).
+        loss: ``"cross_entropy"`` or ``"mse"`` (see :func:`hessspec.nn.objective.output_loss`).
         seed: seed of the batch order (ignored with ``resume_from``, which carries it).
-        progress: a :class:`hessspec.progress.Progress`, or True (bars on a terminal, log
+        progress: a :class:`hessspec.nn.progress.Progress`, or True (bars on a terminal, log
             lines otherwise) / False (nothing) / a style name.
         desc: label of the progress display.
         resume_from: continue from this state (from ``on_save`` of an earlier call with the
@@ -420,7 +450,7 @@ def train(
         TrainingDiverged: a non-finite mini-batch loss (the curve holds the losses up to
             that step).
     """
-    from hessspec.progress import Progress
+    from hessspec.nn.progress import Progress
 
     checkpoints = sorted(set(int(s) for s in checkpoints))
     bad = [s for s in checkpoints if not 0 <= s <= cfg.steps]

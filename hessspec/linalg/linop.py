@@ -256,7 +256,7 @@ def linearize(op: LinearOperator) -> LinearOperator:
 
     Memory: the kept arrays become the new operator's ``operand``, typically a few times the
     activations of the whole dataset (all batches of a batched operator at once, so it
-    undoes the memory bound of ``batch_size``); :func:`hessspec.memory.estimate_memory`
+    undoes the memory bound of ``batch_size``); :func:`hessspec.linalg.memory.estimate_memory`
     counts them. Use it when many matvecs follow (Lanczos, SLQ) and memory allows.
 
     Args:

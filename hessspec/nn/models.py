@@ -16,7 +16,7 @@ two-pass variance :math:`\\mathbb E[(x - \\mathbb E x)^2]` (flax's default
 
 Modes follow nnx: ``model.train()`` makes BN use batch statistics (and update its running
 averages) and switches BN noise on; ``model.eval()`` makes BN use the running averages and
-switches noise off. For Hessians use :func:`hessspec.objective.make_objective`, which
+switches noise off. For Hessians use :func:`hessspec.nn.objective.make_objective`, which
 fixes the BN mode explicitly and never mutates the model.
 """
 
@@ -127,7 +127,7 @@ class BatchNorm(nnx.BatchNorm):
 
     Setting the attribute ``record_input_stats = True`` makes each call also ``sow`` the
     pair :math:`(\\mu_B, \\sigma_B^2)` of its input as an ``nnx.Intermediate`` named
-    ``"input_stats"`` (used by :func:`hessspec.objective.population_statistics`).
+    ``"input_stats"`` (used by :func:`hessspec.nn.objective.population_statistics`).
 
     Args:
         num_features: ``F``.

@@ -15,7 +15,7 @@ and returns ``loss_fn(params, batch)``: the MEAN loss over the examples of
 ``nnx.merge(graphdef, params, stats, rest)`` at every call. The model given is never
 mutated.
 
-BatchNorm modes (DESIGN.md), chosen explicitly, never switched silently:
+BatchNorm modes (docs/design.md), chosen explicitly, never switched silently:
 
 - ``"train"``: every call normalises with the statistics of the batch it is given (the
   function SGD descends). The loss does then not separate over examples. The running
@@ -24,7 +24,7 @@ BatchNorm modes (DESIGN.md), chosen explicitly, never switched silently:
 - ``"population"``: statistics recomputed exactly over ``population_data`` by
   :func:`population_statistics`, then frozen.
 
-Noise of :class:`hessspec.models.NoisyBatchNorm` (and dropout) is always off inside an
+Noise of :class:`hessspec.nn.models.NoisyBatchNorm` (and dropout) is always off inside an
 objective, whatever the mode: the loss is deterministic. The objective also computes the
 BN variance with the exact two-pass formula (``use_fast_variance=False``), which is the
 same function as flax's one-pass formula, with fewer rounding errors.
@@ -61,7 +61,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hessspec.models import BatchNorm, batchnorm_layers, record_input_stats
+from hessspec.nn.models import BatchNorm, batchnorm_layers, record_input_stats
 
 __all__ = [
     "BN_MODES",
@@ -268,7 +268,7 @@ def population_statistics(model: nnx.Module, x, batch_size: int | None = None) -
         model: an nnx model with ``nnx.BatchNorm`` layers (not mutated). Each BN layer
             must be called once per forward pass and normalise over all axes but the
             feature axes.
-        x: inputs ``(N, ...)``: an array, a :class:`hessspec.data.Dataset`, or a mapping
+        x: inputs ``(N, ...)``: an array, a :class:`hessspec.nn.data.Dataset`, or a mapping
             with ``"x"``.
         batch_size: examples per forward pass; None: all ``N`` at once.
 

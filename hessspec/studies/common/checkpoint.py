@@ -36,8 +36,8 @@ import numpy as np
 if TYPE_CHECKING:
     from flax import nnx
 
-    from hessspec.config import Config
-    from hessspec.train import TrainingState
+    from hessspec.nn.train import TrainingState
+    from hessspec.studies.batchnorm_spectrum.config import Config
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -71,9 +71,9 @@ def build_model(
 
     Raises:
         ValueError: a model that cannot take these inputs (see
-            :func:`hessspec.models.make_model`).
+            :func:`hessspec.nn.models.make_model`).
     """
-    from hessspec.models import make_model
+    from hessspec.nn.models import make_model
 
     m = config.model
     if m.name == "mlp":
@@ -171,7 +171,7 @@ def save_checkpoint(
 
     Args:
         path: the checkpoint folder (:func:`checkpoint_path`).
-        state: from :func:`hessspec.train.train`'s ``on_save``.
+        state: from :func:`hessspec.nn.train.train`'s ``on_save``.
         network: the network's name (``"mlp"``, ``"mlp-bn"``).
         batchnorm: whether it has BatchNorm layers.
         kind: ``"checkpoint"``, ``"final"`` or ``"interrupt"``.
@@ -183,14 +183,15 @@ def save_checkpoint(
         ``path``.
 
     Raises:
-        hessspec.runfolder.OutputWriteError: the write failed (a full disk says so); no
+        hessspec.studies.common.runfolder.OutputWriteError: the write failed (a full disk says so);
+        no
             folder is left at ``path``.
     """
     import orbax.checkpoint as ocp
 
     import hessspec
-    from hessspec.config import config_to_dict
-    from hessspec.runfolder import OutputWriteError, _write_error
+    from hessspec.studies.batchnorm_spectrum.config import config_to_dict
+    from hessspec.studies.common.runfolder import OutputWriteError, _write_error
 
     _silence_orbax_logs()
     path = Path(path).absolute()
@@ -283,10 +284,10 @@ class Checkpoint:
         batch_stats: the other model state (BatchNorm running averages), a pure dict.
         opt_state: the optax state (the structure of
             ``make_optimizer(config.train).init(params)``).
-        data_order: the batch order's position (:meth:`hessspec.train.BatchOrder.state`).
+        data_order: the batch order's position (:meth:`hessspec.nn.train.BatchOrder.state`).
         loss_curve: ``(step,)`` mini-batch loss of every step so far.
         train_seconds: training wall time up to this step.
-        config: the run's :class:`~hessspec.config.Config`.
+        config: the run's :class:`~hessspec.studies.batchnorm_spectrum.config.Config`.
         input_shape: shape of one input.
         num_classes: number of classes (model outputs).
     """
@@ -321,8 +322,8 @@ class Checkpoint:
         return model
 
     def training_state(self) -> TrainingState:
-        """The state :func:`hessspec.train.train` resumes from (``resume_from=``)."""
-        from hessspec.train import TrainingState
+        """The state :func:`hessspec.nn.train.train` resumes from (``resume_from=``)."""
+        from hessspec.nn.train import TrainingState
 
         return TrainingState(
             step=self.step,
@@ -419,8 +420,8 @@ def load_checkpoint(
     """
     from flax import nnx
 
-    from hessspec.config import ConfigError, config_from_dict
-    from hessspec.train import make_optimizer
+    from hessspec.nn.train import make_optimizer
+    from hessspec.studies.batchnorm_spectrum.config import ConfigError, config_from_dict
 
     _silence_orbax_logs()
     path = Path(path).expanduser().absolute()
@@ -489,7 +490,7 @@ def save_params(path: str | Path, model: nnx.Module) -> Path:
 
     from flax import nnx
 
-    from hessspec.runfolder import atomic_write_bytes
+    from hessspec.studies.common.runfolder import atomic_write_bytes
 
     path = Path(path)
     if path.suffix != ".npz":

@@ -1,9 +1,10 @@
 """Figures of a study, drawn from its results (the parsed results.json) and spectra arrays.
 
 Every function returns a ``matplotlib.figure.Figure`` built without pyplot (no display, no
-global state); :func:`hessspec.report.write_report` saves them as PNG. They read only the
+global state); :func:`hessspec.studies.batchnorm_spectrum.report.write_report` saves them as PNG.
+They read only the
 documented entries of results.json and spectra.npz, so a notebook can redraw a finished
-run with ``hessspec.report.load_results(folder)``.
+run with ``hessspec.studies.batchnorm_spectrum.report.load_results(folder)``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from hessspec.report import spectra_key
+from hessspec.studies.batchnorm_spectrum.report import spectra_key
 
 __all__ = [
     "density_figure",

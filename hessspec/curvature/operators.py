@@ -6,7 +6,7 @@ into ``ceil(N / batch_size)`` consecutive batches, batch ``b`` contributes
 ``(|b| / N) * H_b v`` where ``H_b`` is the Hessian of the batch's MEAN loss, and a ragged
 last batch gets its own, smaller weight. The batch loop runs inside the compiled matvec:
 a ``lax.scan`` (one compiled body for all full batches, one more for a ragged remainder).
-On CPU, convolutions are computed in canonical layout (:mod:`hessspec.conv_layout`) so
+On CPU, convolutions are computed in canonical layout (:mod:`hessspec.curvature.conv_layout`) so
 that they run at full speed inside the scan and inside the solvers' loops.
 
 For a loss that does not separate over examples (BatchNorm in train mode: the statistics of
@@ -29,8 +29,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hessspec.conv_layout import canonical_convolutions, use_canonical_convolutions
-from hessspec.linop import LinearOperator
+from hessspec.curvature.conv_layout import canonical_convolutions, use_canonical_convolutions
+from hessspec.linalg.linop import LinearOperator
 
 __all__ = [
     "BatchLayout",
@@ -438,7 +438,8 @@ def _batch_weighted_sum(
     """``sum_b (|b| / N) per_batch(batch_b)``: one ``lax.scan`` over the full batches (one
     compiled body), then the ragged remainder.
 
-    On CPU ``per_batch`` runs with :func:`hessspec.conv_layout.canonical_convolutions`, so its
+    On CPU ``per_batch`` runs with :func:`hessspec.curvature.conv_layout.canonical_convolutions`,
+    so its
     convolutions stay fast inside the scan and inside the solvers' loops (JAX #12868).
     """
     full_batches, remainder = operand_batches

@@ -16,11 +16,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from hessspec.analysis import density_js_distance
-from hessspec.density import SpectralDensity, density_grid, ghorbani_sigma, spectral_density
-from hessspec.lanczos import EigenResult, top_eigenpairs
-from hessspec.operators import flat_layout, hessian_operator
-from hessspec.trace import TraceEstimate, trace
+from hessspec.analysis.spectrum import density_js_distance
+from hessspec.curvature.operators import flat_layout, hessian_operator
+from hessspec.linalg.density import SpectralDensity, density_grid, ghorbani_sigma, spectral_density
+from hessspec.linalg.lanczos import EigenResult, top_eigenpairs
+from hessspec.linalg.trace import TraceEstimate, trace
 
 __all__ = ["BlockSpectra", "BlockSpectrum", "block_spectra", "layer_blocks"]
 
@@ -34,7 +34,7 @@ class BlockSpectrum(NamedTuple):
         dim: its number of parameters.
         eigen: its top eigenpairs (:func:`hessspec.top_eigenpairs`).
         density: its SLQ density (:func:`hessspec.spectral_density`).
-        trace: its Hutch++ trace (:func:`hessspec.trace`).
+        trace: its Hutch++ trace (:func:`hessspec.linalg.trace`).
     """
 
     name: str

@@ -5,7 +5,7 @@ linear model (Marchenko-Pastur bulk, LeCun's outlier from a non-zero input mean)
 quadratic-model facts that turn eigenvalues into statements about gradient descent
 (largest stable step, slowest time constant, steps to a tolerance).
 
-Notation, as in DESIGN.md: a linear model with squared loss on ``p`` samples of ``N`` inputs
+Notation, as in docs/design.md: a linear model with squared loss on ``p`` samples of ``N`` inputs
 ``X in R^{p x N}`` has Hessian ``R = X^T X / p`` (``N x N``, LeCun, Kanter & Solla 1991).
 ``ratio = N / p``.
 """

@@ -5,7 +5,7 @@ basis_rows(num_steps)``, at least 128 rows; a thick restart briefly holds a seco
 the operator's data (parameters and the dataset), then the working set of one
 Hessian-vector product (the solvers run one at a time).
 :func:`estimate_memory` adds these up for one call of :func:`hessspec.top_eigenpairs`,
-:func:`hessspec.spectral_density`, :func:`hessspec.trace` or
+:func:`hessspec.spectral_density`, :func:`hessspec.linalg.trace` or
 :func:`hessspec.lanczos_tridiag`; :func:`available_memory` says what the device has free;
 :func:`check_fits` raises ``MemoryError`` before a run that cannot fit, naming the options
 that lower the estimate. The three solvers call it at their start (``check_memory=``).
@@ -31,9 +31,9 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from hessspec.krylov import MIN_BASIS_ROWS, NUM_BASIS_BLOCKS, basis_rows, device_of
-from hessspec.linop import LinearOperator, as_operator, matvec, solver_dtype
-from hessspec.linop import basis_dtype as resolve_basis_dtype
+from hessspec.linalg.krylov import MIN_BASIS_ROWS, NUM_BASIS_BLOCKS, basis_rows, device_of
+from hessspec.linalg.linop import LinearOperator, as_operator, matvec, solver_dtype
+from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
 
 __all__ = [
     "MemoryEstimate",
@@ -250,7 +250,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Bytes one solver call needs, by component (see :class:`MemoryEstimate`).
 
-    Every solver runs :mod:`hessspec.krylov`'s engine on a basis of ``M = basis_rows(m)``
+    Every solver runs :mod:`hessspec.linalg.krylov`'s engine on a basis of ``M = basis_rows(m)``
     rows (at least 128) and one matvec at a time. Which call is estimated follows from the
     arguments:
 
@@ -258,13 +258,13 @@ def estimate_memory(
       default as there); a thick restart briefly holds a second copy of the basis;
     - ``num_probes`` given: :func:`hessspec.spectral_density` (``num_steps`` per probe,
       default 90; the probes run one after another on one basis);
-    - ``num_matvecs`` given: :func:`hessspec.trace` (``method``; Hutch++ stores its
+    - ``num_matvecs`` given: :func:`hessspec.linalg.trace` (``method``; Hutch++ stores its
       ``num_matvecs // 3`` sketch vectors in the basis);
     - otherwise: one :func:`hessspec.lanczos_tridiag` run of ``num_steps`` (default 90),
       whose basis is also returned as a host array.
 
     Args:
-        op_or_dim: a :class:`~hessspec.linop.LinearOperator` (all components), a plain
+        op_or_dim: a :class:`~hessspec.linalg.linop.LinearOperator` (all components), a plain
             matvec callable with ``dim=``, or just the dimension (an int: operator data and
             HVP working set are then 0, the solver arrays exact).
         num_steps, k, num_probes, basis_dtype, num_matvecs, method: as in the solver.
@@ -273,7 +273,7 @@ def estimate_memory(
         dim: vector length for a plain callable.
         basis_memory: ``"device"`` or ``"host"`` as in the Lanczos solvers. With
             ``"host"`` on an accelerator, ``basis`` counts the one block of the basis (of
-            :data:`hessspec.krylov.NUM_BASIS_BLOCKS`) streamed to the device at a time;
+            :data:`hessspec.linalg.krylov.NUM_BASIS_BLOCKS`) streamed to the device at a time;
             on CPU host memory is the device's, so nothing changes.
 
     Returns:

@@ -7,7 +7,7 @@
 * :func:`lanczos_tridiag` is the plain iteration from a given vector: the basis and the
   tridiagonal ``T = V^T A V``.
 
-Both run on :mod:`hessspec.krylov`'s compiled engine: one program per operator structure and
+Both run on :mod:`hessspec.linalg.krylov`'s compiled engine: one program per operator structure and
 basis size, reused for every ``k``, ``which``, start vector, key, and for the operator of the
 same loss at other parameters. The host decides, between compiled segments of steps, from
 the small projected matrix: Ritz values by ``numpy.linalg.eigh``, convergence, restarts.
@@ -23,16 +23,16 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from hessspec.krylov import (
+from hessspec.linalg.krylov import (
     KrylovRunner,
     basis_rows,
     breakdown_tolerance,
     check_basis_memory,
     check_finite,
 )
-from hessspec.linop import LinearOperator, as_operator, solver_dtype
-from hessspec.linop import basis_dtype as resolve_basis_dtype
-from hessspec.memory import check_call
+from hessspec.linalg.linop import LinearOperator, as_operator, solver_dtype
+from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
+from hessspec.linalg.memory import check_call
 
 __all__ = [
     "EigenResult",
@@ -271,7 +271,8 @@ def top_eigenpairs(
     values, so later calls on the same or a same-structure operator compile nothing.
 
     Args:
-        op: :class:`~hessspec.linop.LinearOperator`, or a callable ``v -> A v`` with ``dim=``.
+        op: :class:`~hessspec.linalg.linop.LinearOperator`, or a callable ``v -> A v`` with
+        ``dim=``.
             ``A`` must be symmetric.
         k: number of eigenpairs, ``1 <= k <= dim``.
         num_steps: the longest cycle ``m``, ``k < m <= dim`` (``m = k`` only when ``k = dim``).
@@ -296,8 +297,8 @@ def top_eigenpairs(
         basis_memory: ``"device"`` or ``"host"``: keep the basis in host memory (JAX's
             ``pinned_host``), streamed block by block to the device for each Gram-Schmidt
             pass. Same numbers either way.
-        check_memory: compare :func:`hessspec.memory.estimate_memory` of this call with
-            :func:`hessspec.memory.available_memory` first and raise ``MemoryError`` if it
+        check_memory: compare :func:`hessspec.linalg.memory.estimate_memory` of this call with
+            :func:`hessspec.linalg.memory.available_memory` first and raise ``MemoryError`` if it
             cannot fit; a number is used as the available bytes; False skips the check.
         dim: vector length when ``op`` is a plain callable.
 
@@ -467,11 +468,12 @@ def lanczos_tridiag(
     valid. A zero ``v0`` gives ``num_steps_done = 0``.
 
     Args:
-        op: :class:`~hessspec.linop.LinearOperator`, or a callable ``v -> A v`` with ``dim=``.
+        op: :class:`~hessspec.linalg.linop.LinearOperator`, or a callable ``v -> A v`` with
+        ``dim=``.
         v0: ``(n,)`` start vector (any scale).
         num_steps: ``m``, ``1 <= m <= n``.
         dim: vector length when ``op`` is a plain callable.
-        basis_dtype: dtype of the stored basis (see :func:`hessspec.linop.basis_dtype`).
+        basis_dtype: dtype of the stored basis (see :func:`hessspec.linalg.linop.basis_dtype`).
         basis_memory: ``"device"`` or ``"host"``.
 
     Returns:

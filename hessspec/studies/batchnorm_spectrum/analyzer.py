@@ -1,13 +1,13 @@
 """One checkpoint of a BatchNorm spectrum study: every measurement on one objective.
 
-:class:`CheckpointAnalyzer` takes an :class:`~hessspec.objective.Objective` (a network at one
+:class:`CheckpointAnalyzer` takes an :class:`~hessspec.nn.objective.Objective` (a network at one
 training step, in one BatchNorm mode) and measures, on a fixed analysis set:
 
 - the top ``k`` Hessian eigenpairs (``k = 2K`` by default, ``K`` classes) with their
   computed residuals (:func:`hessspec.top_eigenpairs`);
 - the SLQ spectral density (:func:`hessspec.spectral_density`), smoothed with Ghorbani's
   default width on a grid fine enough to resolve it;
-- the Hessian trace (:func:`hessspec.trace`, Hutch++ by default);
+- the Hessian trace (:func:`hessspec.linalg.trace`, Hutch++ by default);
 - the outlier/bulk split of the top eigenvalues (:func:`hessspec.outlier_split`);
 - the gradient energy in the top-``j`` eigenspace, ``j = 1..k``, of the full-batch
   gradient of the analysed loss and of mini-batch gradients from the training set (mean
@@ -37,16 +37,16 @@ import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from hessspec.analysis import gradient_energy, outlier_split
-from hessspec.config import AnalysisConfig, TrainConfig
-from hessspec.data import Dataset
-from hessspec.density import density_grid, spectral_density
-from hessspec.lanczos import LanczosConvergenceWarning, top_eigenpairs
-from hessspec.linop import LinearOperator
-from hessspec.memory import MemoryEstimate, estimate_memory
-from hessspec.objective import Objective, output_loss
-from hessspec.operators import dataset_gradient, hessian_operator
-from hessspec.trace import trace
+from hessspec.analysis.spectrum import gradient_energy, outlier_split
+from hessspec.curvature.operators import dataset_gradient, hessian_operator
+from hessspec.linalg.density import density_grid, spectral_density
+from hessspec.linalg.lanczos import LanczosConvergenceWarning, top_eigenpairs
+from hessspec.linalg.linop import LinearOperator
+from hessspec.linalg.memory import MemoryEstimate, estimate_memory
+from hessspec.linalg.trace import trace
+from hessspec.nn.data import Dataset
+from hessspec.nn.objective import Objective, output_loss
+from hessspec.studies.batchnorm_spectrum.config import AnalysisConfig, TrainConfig
 
 __all__ = [
     "CheckpointAnalysis",
@@ -186,7 +186,7 @@ class CheckpointAnalyzer:
 
     Args:
         objective: the network at its first checkpoint, in the mode analysed (from
-            :func:`hessspec.objective.make_objective`); its graph, BN mode and loss are
+            :func:`hessspec.nn.objective.make_objective`); its graph, BN mode and loss are
             kept.
         analysis_set: the fixed examples whose Hessian is analysed.
         train_set: training set (mini-batch gradients, train loss/accuracy).
@@ -264,7 +264,7 @@ class CheckpointAnalyzer:
         """Memory estimates of the three solver calls :meth:`analyse` makes, in order:
         :func:`hessspec.top_eigenpairs` (``top_k`` pairs, ``lanczos_steps`` basis vectors),
         :func:`hessspec.spectral_density` (``slq_probes`` probes of ``slq_steps`` steps) and
-        :func:`hessspec.trace` (``trace_matvecs``), each with the settings' basis dtype, on
+        :func:`hessspec.linalg.trace` (``trace_matvecs``), each with the settings' basis dtype, on
         the Hessian operator of ``objective`` over the analysis set.
 
         Builds that operator (the analysis set goes onto the devices) and traces one
@@ -273,7 +273,7 @@ class CheckpointAnalyzer:
         three (they run one after another).
 
         Returns:
-            Three :class:`~hessspec.memory.MemoryEstimate` (bytes by component).
+            Three :class:`~hessspec.linalg.memory.MemoryEstimate` (bytes by component).
         """
         s = self.settings
         op = self.operator(objective)

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
-from hessspec.krylov import (
+from hessspec.linalg.krylov import (
     RESOLUTION_FACTOR,
     KrylovRunner,
     basis_rows,
@@ -30,9 +30,9 @@ from hessspec.krylov import (
     check_finite,
     resolution_tolerance,
 )
-from hessspec.linop import LinearOperator, as_operator
-from hessspec.linop import basis_dtype as resolve_basis_dtype
-from hessspec.memory import check_call
+from hessspec.linalg.linop import LinearOperator, as_operator
+from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
+from hessspec.linalg.memory import check_call
 
 __all__ = [
     "SpectralDensity",
@@ -150,7 +150,7 @@ class SpectralDensity:
         """The SLQ estimate of ``tr(A)`` and its standard error: per probe
         ``n sum_l w_l tau_l = n v^T A v`` (a Hutchinson sample of the normalized Rademacher
         probe ``v``), averaged over probes; the error is the spread over probes /
-        ``sqrt(P)`` (NaN for one probe). :func:`hessspec.trace` (Hutch++) is far more
+        ``sqrt(P)`` (NaN for one probe). :func:`hessspec.linalg.trace` (Hutch++) is far more
         accurate for the same matvecs when a few eigenvalues dominate."""
         per_probe = self.dim * np.sum(self.weights * self.nodes, axis=1)
         if per_probe.size < 2:
@@ -225,7 +225,7 @@ def spectral_density(
     For each of ``P = num_probes`` Rademacher probes ``v_p`` (entries ``+-1/sqrt(n)``, drawn
     by a NumPy generator seeded from ``key``) runs ``m = num_steps`` Lanczos steps with full
     reorthogonalization and returns the probe's Gaussian quadrature. The probes run one after
-    another on one basis, in :mod:`hessspec.krylov`'s compiled engine: the program depends
+    another on one basis, in :mod:`hessspec.linalg.krylov`'s compiled engine: the program depends
     neither on ``P`` nor on ``m`` (up to the basis size ``basis_rows(m)``, 128 rows for
     ``m <= 128``), so it is the program :func:`hessspec.top_eigenpairs` compiled for the same
     operator.
@@ -243,7 +243,8 @@ def spectral_density(
     data and the working set of one matvec.
 
     Args:
-        op: :class:`~hessspec.linop.LinearOperator`, or a callable ``v -> A v`` with ``dim=``.
+        op: :class:`~hessspec.linalg.linop.LinearOperator`, or a callable ``v -> A v`` with
+        ``dim=``.
         num_probes: ``P >= 1``.
         num_steps: ``m``, ``1 <= m <= dim``.
         key: PRNG key for the probes; ``None`` uses ``jax.random.key(0)``.
@@ -252,7 +253,7 @@ def spectral_density(
             ``"float32"`` (half the memory; nodes carry relative errors of ~1e-7, far below
             the smoothing width).
         basis_memory: ``"device"`` or ``"host"`` (see :func:`hessspec.top_eigenpairs`).
-        check_memory: compare :func:`hessspec.memory.estimate_memory` with the memory
+        check_memory: compare :func:`hessspec.linalg.memory.estimate_memory` with the memory
             available first and raise ``MemoryError`` if it cannot fit; a number is used as
             the available bytes; False skips the check.
         progress: show a tqdm bar over probes.

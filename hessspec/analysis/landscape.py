@@ -4,7 +4,7 @@ optimization?") at one training step.
 Along the gradient step: for step lengths ``s`` in ``[lr/2, 4 lr]`` along ``-g``
 (``g = grad L(x)`` on the batch), the loss range ``max_s L(x - s g) - min_s L(x - s g)``, the
 gradient predictiveness ``||grad L(x) - grad L(x - s g)||`` and the effective
-beta-smoothness ``max_s ||grad L(x) - grad L(x - s g)|| / ||s g||`` (DESIGN.md).
+beta-smoothness ``max_s ||grad L(x) - grad L(x - s g)|| / ||s g||`` (docs/design.md).
 
 Internal covariate shift (their Section 2.2): for layer ``i``, the gradient ``G_i`` of the
 loss with respect to layer ``i``'s parameters, and ``G'_i``, the same gradient after every

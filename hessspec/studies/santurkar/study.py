@@ -4,7 +4,7 @@ Ilyas & Madry 2018, "How does batch normalization help optimization?").
 The same network on the digits is trained with plain SGD at ONE shared learning rate in
 several variants: ``"standard"`` (no BatchNorm), ``"batchnorm"`` and ``"noisy_batchnorm"``
 (BatchNorm followed by noise of non-zero mean and non-unit scale, redrawn at every step:
-:class:`hessspec.models.NoisyBatchNorm`). Every ``record_every`` steps, on the mini-batch the
+:class:`hessspec.nn.models.NoisyBatchNorm`). Every ``record_every`` steps, on the mini-batch the
 next update uses and in the mode that update uses (batch statistics; for the noisy variant
 the noise draw of that update, held fixed), it records
 
@@ -40,8 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessspec.config import ConfigError, config_from_mapping, config_to_mapping, config_to_toml
-from hessspec.input_bias import (
+from hessspec.studies.common.config import (
+    ConfigError,
+    config_from_mapping,
+    config_to_mapping,
+    config_to_toml,
+)
+from hessspec.studies.input_bias.study import (
     StudyOutput,
     _check,
     _check_dtype,
@@ -219,7 +224,7 @@ def train_mode_loss(graphdef, loss: str = "cross_entropy"):
     """
     from flax import nnx
 
-    from hessspec.objective import output_loss
+    from hessspec.nn.objective import output_loss
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params, batch["state"])
@@ -236,7 +241,7 @@ def layer_order_for(params: Mapping[str, Any]) -> list[Any]:
 
     Args:
         params: ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` of a
-            :class:`hessspec.models.MLP` or :class:`hessspec.models.CNN`.
+            :class:`hessspec.nn.models.MLP` or :class:`hessspec.nn.models.CNN`.
 
     Returns:
         A ``layer_order`` for :func:`hessspec.internal_covariate_shift`.
@@ -259,7 +264,7 @@ def layer_order_for(params: Mapping[str, Any]) -> list[Any]:
 
 
 def _make_model(config: SanturkarConfig, variant: str, input_shape):
-    from hessspec.models import make_model
+    from hessspec.nn.models import make_model
 
     bn, noisy = _VARIANT_FLAGS[variant]
     kwargs: dict[str, Any] = {"noisy_batchnorm": noisy}
@@ -279,7 +284,7 @@ def _forward_with_state(graphdef, loss: str = "cross_entropy"):
     statistics, BN noise on), returning the updated state (running averages, RNG count)."""
     from flax import nnx
 
-    from hessspec.objective import output_loss
+    from hessspec.nn.objective import output_loss
 
     def f(params, state, x, y):
         model = nnx.merge(graphdef, params, state)
@@ -327,7 +332,7 @@ def _train_variant(
     from flax import nnx
 
     import hessspec as hs
-    from hessspec.train import batch_indices
+    from hessspec.nn.train import batch_indices
 
     model = _make_model(config, variant, train_set.input_shape)
     model.train()
@@ -891,7 +896,7 @@ def run_santurkar_study(
     """
     from tqdm.auto import tqdm
 
-    from hessspec.data import load_digits
+    from hessspec.nn.data import load_digits
 
     if isinstance(config, Mapping):
         config = SanturkarConfig.from_dict(config)

@@ -23,13 +23,26 @@ training) and :func:`to_toml` writes a config back as TOML that loads to the sam
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import tomllib
-import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from hessspec.nn.train import TrainConfig
+from hessspec.studies.common.config import (
+    MAX_SEED,
+    ConfigError,
+    _coerce,
+    _describe_value,
+    _hints,
+    _unknown_key,
+    config_from_mapping,
+    config_to_mapping,
+    config_to_toml,
+    read_toml,
+)
+from hessspec.studies.common.config import apply_overrides as common_apply_overrides
+from hessspec.studies.common.config import describe_fields as common_describe_fields
+from hessspec.studies.common.config import field as _f
 
 __all__ = [
     "EXPERIMENT",
@@ -52,7 +65,7 @@ __all__ = [
 ]
 
 #: Value of the optional top-level ``experiment`` key of this study's TOML files (other
-#: values name other studies, which :mod:`hessspec.run` dispatches to).
+#: values name other studies, which :mod:`hessspec.cli.main` dispatches to).
 EXPERIMENT = "batchnorm_spectrum"
 DATASETS = ("digits", "mnist", "cifar10")
 MODELS = ("mlp", "cnn", "resnet", "linear")
@@ -64,19 +77,6 @@ TRACE_METHODS = ("hutch++", "hutchinson")
 DTYPES = ("float32", "float64")
 BASIS_DTYPES = ("", "float32", "float64")
 BASIS_MEMORIES = ("device", "host")
-#: Seeds are non-negative and fit in 32 bits (numpy, scikit-learn and JAX all take them).
-MAX_SEED = 2**32 - 1
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run: unknown key, wrong type or invalid value."""
-
-
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a help text (shown by ``--help`` and in the docs)."""
-    if isinstance(default, list | dict):
-        raise TypeError("use tuples for sequence defaults: configs are frozen")
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ class DataConfig:
     )
     path: str = _f(
         "",
-        "folder holding the MNIST/CIFAR-10 files (see hessspec.data); empty: "
+        "folder holding the MNIST/CIFAR-10 files (see hessspec.nn.data); empty: "
         "$HESSSPEC_DATA/<name> or ./data/<name>; must be empty for digits",
     )
     preprocessing: str = _f(
@@ -130,29 +130,6 @@ class ModelConfig:
     bn_momentum: float = _f(0.9, "momentum of the BatchNorm running averages")
     dtype: str = _f("float32", "parameter and HVP dtype: float32 or float64 (needs x64)")
     loss: str = _f("cross_entropy", "'cross_entropy' or 'mse' (squared error on one-hot)")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """``[train]``: the optimizer, the training length and the analysis checkpoints."""
-
-    optimizer: str = _f("sgd", "'sgd' (with momentum) or 'adam'")
-    learning_rate: float = _f(0.003, "learning rate (constant)")
-    momentum: float = _f(0.9, "sgd: heavy-ball momentum (0 for plain SGD)")
-    nesterov: bool = _f(False, "sgd: Nesterov momentum")
-    adam_b1: float = _f(0.9, "adam: beta1")
-    adam_b2: float = _f(0.999, "adam: beta2")
-    weight_decay: float = _f(
-        0.0, "weight decay (L2 on the gradient for sgd, decoupled AdamW for adam)"
-    )
-    batch_size: int = _f(64, "training mini-batch size")
-    steps: int = _f(500, "number of optimizer steps")
-    checkpoints: tuple[int, ...] = _f(
-        (),
-        "steps at which to analyse the Hessian (0 = at initialization); empty: "
-        "train.num_checkpoints steps, 0 then doubling up to train.steps",
-    )
-    num_checkpoints: int = _f(5, "number of automatic checkpoints when train.checkpoints is empty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,186 +226,12 @@ QUICK_OVERRIDES: tuple[str, ...] = (
 )
 
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _section_classes() -> dict[str, type]:
     return {
         name: hint
         for name, hint in _hints(Config).items()
         if isinstance(hint, type) and dataclasses.is_dataclass(hint)
     }
-
-
-_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string"}
-
-
-def _type_name(tp: Any) -> str:
-    """``"an integer"``, ``"a list of numbers"``, ``"a list of 2 integers"``, ``"a table"``."""
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        item = _type_name(args[0]).split(" ", 1)[1]
-        if Ellipsis in typing.get_args(tp):
-            return f"a list of {item}s"
-        return f"a list of {len(args)} {item}s"
-    if dataclasses.is_dataclass(tp):
-        return "a table"
-    name = _TYPE_NAMES.get(tp, str(tp))
-    return ("an " if name[0] in "aeiou" else "a ") + name
-
-
-def _describe_value(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against the field type ``tp``: lists become tuples, ints floats,
-    tables nested config dataclasses."""
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(
-                f"config key {key!r} must be {_type_name(tp)}, got {_describe_value(value)}."
-            )
-        if Ellipsis in args:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(
-                f"config key {key!r} must be a list of {len(args)} values, got {list(value)!r}."
-            )
-        pairs = enumerate(zip(value, args, strict=True))
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ConfigError(
-                f"config key {key!r} must be a table ([{key}] in TOML), got "
-                f"{_describe_value(value)}."
-            )
-        return config_from_mapping(tp, value, prefix=f"{key}.")
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(tp)
-    if ok is None:  # pragma: no cover - a field type this module does not know
-        raise TypeError(f"unsupported config field type {tp!r} for {key!r}")
-    if not ok:
-        raise ConfigError(
-            f"config key {key!r} must be {_type_name(tp)}, got {_describe_value(value)}."
-        )
-    if tp is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(f"config key {key!r} must be finite, got {value!r}.")
-    return value
-
-
-def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
-    import difflib
-
-    known = sorted(known)
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(known)}.")
-
-
-def config_from_mapping(
-    cls: type, values: Mapping[str, Any], prefix: str = "", experiment: str | None = None
-):
-    """Build the frozen config dataclass ``cls`` from a (partial) nested mapping.
-
-    The one mechanism behind every study's config (:class:`Config` here, the input-bias
-    and Santurkar studies' own classes): every key is checked against the fields of
-    ``cls`` (nested dataclasses are tables) and every value against the field's type;
-    absent keys keep their defaults. A top-level ``experiment`` key is accepted when it
-    equals ``experiment`` (the CLI's dispatch key).
-
-    Args:
-        cls: a frozen dataclass whose fields are bool, int, float, str, tuples of those, or
-            nested dataclasses of the same kind.
-        values: the mapping, e.g. parsed TOML.
-        prefix: prefix of the keys in error messages (``"linear."``).
-        experiment: the accepted value of a top-level ``experiment`` key.
-
-    Returns:
-        An instance of ``cls`` (its ``__post_init__``, if any, checks the values).
-
-    Raises:
-        ConfigError (a ValueError): an unknown key, a value of the wrong type, or an invalid
-            value; the message names the key.
-    """
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"a config must be a mapping (TOML table), got {type(values).__name__}.")
-    hints = _hints(cls)
-    kwargs = {}
-    for k, v in values.items():
-        key = f"{prefix}{k}"
-        if k == "experiment" and not prefix and experiment is not None:
-            if v != experiment:
-                raise ConfigError(
-                    f"config key 'experiment' is {v!r}, but this is the {experiment!r} study."
-                )
-            continue
-        if k not in hints:
-            raise _unknown_key(key, hints)
-        kwargs[k] = _coerce(v, hints[k], key)
-    return cls(**kwargs)
-
-
-def config_to_mapping(config: Any) -> dict[str, Any]:
-    """A config dataclass as plain nested dicts and lists (JSON/TOML ready)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        v = getattr(config, f.name)
-        if dataclasses.is_dataclass(v):
-            out[f.name] = config_to_mapping(v)
-        elif isinstance(v, tuple | list):
-            out[f.name] = list(v)
-        else:
-            out[f.name] = v
-    return out
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a TOML basic string is a JSON string for these characters
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-
-def config_to_toml(config: Any, experiment: str) -> str:
-    """A config dataclass as TOML text; reading it back gives the same config.
-
-    Args:
-        config: a frozen config dataclass.
-        experiment: the value of the leading ``experiment = ...`` line.
-
-    Returns:
-        TOML text: ``experiment``, the top-level keys, then one table per nested section.
-    """
-    values = config_to_mapping(config)
-    lines = [f"experiment = {_toml_value(experiment)}"]
-    tables = []
-    for k, v in values.items():
-        if isinstance(v, dict):
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {_toml_value(v)}")
-    for name, table in tables:
-        lines += ["", f"[{name}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
 
 
 def config_from_dict(values: Mapping[str, Any]) -> Config:
@@ -470,39 +273,6 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return config_to_mapping(config)
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """The parsed contents of a TOML config file: the one reader of every study's config.
-
-    Raises:
-        ConfigError: the file is missing, is a folder, cannot be read, is not UTF-8 text or
-            is not valid TOML (the message names the file and the problem).
-    """
-    path = Path(path).expanduser()
-    name = repr(str(path))
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {name} does not exist.") from None
-    except IsADirectoryError:
-        raise ConfigError(
-            f"config file {name} is a folder; pass a TOML file, e.g. experiments/digits_mlp.toml."
-        ) from None
-    except OSError as e:
-        raise ConfigError(f"config file {name} cannot be read: {e.strerror or e}.") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            f"config file {name} is not UTF-8 text (byte {e.start} is 0x{raw[e.start]:02x}); "
-            "save it as UTF-8."
-        ) from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {name} is not valid TOML: {e}.") from None
-
-
 def load_config(path: str | Path) -> Config:
     """Read a TOML file into a :class:`Config` (absent keys keep their defaults).
 
@@ -518,60 +288,14 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def _parse_value(raw: str, tp: Any) -> Any:
-    """A ``--set`` value: a TOML literal if it parses as one, else the raw string; for list
-    fields a bare comma-separated list is accepted too (``train,population``)."""
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    if tp is str and not isinstance(value, str):
-        return raw
-    if typing.get_origin(tp) is tuple and not isinstance(value, list):
-        item = typing.get_args(tp)[0]
-        parts = [p.strip() for p in raw.split(",") if p.strip()]
-        return [_parse_value(p, item) for p in parts]
-    return value
-
-
 def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
     """Change single fields from ``"section.field=value"`` (or ``"field=value"`` for the
-    top-level fields) strings, in order.
-
-    Values are TOML literals (``200``, ``0.1``, ``true``, ``"text"``, ``[64, 64]``);
-    strings may be left unquoted, lists may be written ``a,b``.
+    top-level fields) strings, in order: :func:`hessspec.studies.common.config.apply_overrides`.
 
     Raises:
         ConfigError: no ``=``, an unknown key, or a value of the wrong type.
     """
-    sections = _section_classes()
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(
-                f"override {item!r} must look like section.field=value (e.g. train.steps=200)."
-            )
-        key, raw = (s.strip() for s in item.split("=", 1))
-        parts = key.split(".")
-        if len(parts) == 2 and parts[0] in sections:
-            section, name = parts
-            cls = sections[section]
-            hints = _hints(cls)
-            if name not in hints:
-                raise _unknown_key(key, hints)
-            value = _coerce(_parse_value(raw, hints[name]), hints[name], key)
-            current = getattr(config, section)
-            config = dataclasses.replace(
-                config, **{section: dataclasses.replace(current, **{name: value})}
-            )
-        elif len(parts) == 1 and parts[0] in _hints(Config) and parts[0] not in sections:
-            tp = _hints(Config)[key]
-            config = dataclasses.replace(config, **{key: _coerce(_parse_value(raw, tp), tp, key)})
-        else:
-            known = [f"{s}.{n}" for s, c in sections.items() for n in _hints(c)] + [
-                n for n in _hints(Config) if n not in sections
-            ]
-            raise _unknown_key(key, known)
-    return config
+    return common_apply_overrides(config, overrides, example="train.steps=200")
 
 
 def checkpoint_steps(train: TrainConfig) -> list[int]:
@@ -698,31 +422,7 @@ def validate(config: Config) -> Config:
 
 def describe_fields() -> list[tuple[str, str, str, str]]:
     """``(key, type, default, help)`` for every config field, in declaration order."""
-    rows = []
-    default = Config()
-    for f in dataclasses.fields(Config):
-        value = getattr(default, f.name)
-        if dataclasses.is_dataclass(value):
-            hints = _hints(type(value))
-            for g in dataclasses.fields(value):
-                rows.append(
-                    (
-                        f"{f.name}.{g.name}",
-                        _type_name(hints[g.name]).removeprefix("a ").removeprefix("an "),
-                        _toml_value(getattr(value, g.name)),
-                        g.metadata.get("help", ""),
-                    )
-                )
-        else:
-            rows.append(
-                (
-                    f.name,
-                    _type_name(_hints(Config)[f.name]).removeprefix("a ").removeprefix("an "),
-                    _toml_value(value),
-                    f.metadata.get("help", ""),
-                )
-            )
-    return rows
+    return common_describe_fields(Config)
 
 
 def to_toml(config: Config) -> str:

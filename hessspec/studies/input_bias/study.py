@@ -1,6 +1,6 @@
 """The input-bias study: what a non-zero input mean does to the Hessian (LeCun, Kanter &
 Solla 1991), measured matrix-free and compared with the closed forms of
-:mod:`hessspec.theory`.
+:mod:`hessspec.analysis.theory`.
 
 Two parts, both run by :func:`run_input_bias_study`:
 
@@ -17,7 +17,8 @@ Two parts, both run by :func:`run_input_bias_study`:
    ``linear.tolerance`` (5 % by default). A dense ``eigvalsh`` of the operator is an extra,
    optional check. Then the gradient-descent consequence: plain GD at ``lr = 1 / lambda_max``
    (measured) is actually run until ``||w_t - w*|| <= tol ||w_0 - w*||``, and its step count
-   is set against :func:`hessspec.theory.gd_steps_to_tolerance` (the worst case over starting
+   is set against :func:`hessspec.analysis.theory.gd_steps_to_tolerance` (the worst case over
+   starting
    points) from the measured extreme eigenvalues and from the theoretical ones.
 2. **One-hidden-layer MLP on the digits**, cross-entropy: *raw* inputs (pixels in
    ``[0, 1]`` or ``0..16``: a positive mean), *centred* inputs (per-pixel train mean
@@ -58,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from hessspec.config import (
+from hessspec.studies.common.config import (
     ConfigError,
     config_from_mapping,
     config_to_mapping,
@@ -94,7 +95,7 @@ QUICK_OVERRIDES: tuple[str, ...] = (
 )
 
 # --------------------------------------------------------------------------------------
-# Configuration (shared helpers, also used by hessspec.santurkar)
+# Configuration (shared helpers, also used by hessspec.studies.santurkar.study)
 # --------------------------------------------------------------------------------------
 
 
@@ -301,7 +302,7 @@ class InputBiasConfig:
 
 
 # --------------------------------------------------------------------------------------
-# Output files (shared helpers, also used by hessspec.santurkar)
+# Output files (shared helpers, also used by hessspec.studies.santurkar.study)
 # --------------------------------------------------------------------------------------
 
 
@@ -588,7 +589,7 @@ def _slq_record(sd) -> dict[str, Any]:
 
 def _density_from_record(rec: Mapping[str, Any], grid: np.ndarray, sigma: float | None = None):
     """The Gaussian-smoothed SLQ density of a stored record (as SpectralDensity.density)."""
-    from hessspec.density import SpectralDensity
+    from hessspec.linalg.density import SpectralDensity
 
     nodes = np.asarray(rec["nodes"], np.float64)
     weights = np.asarray(rec["weights"], np.float64)
@@ -603,10 +604,13 @@ def _density_from_record(rec: Mapping[str, Any], grid: np.ndarray, sigma: float 
 
 def _linear_variant(cfg: LinearSettings, mean: float, seed: int, key) -> dict[str, Any]:
     import hessspec as hs
-    from hessspec.data import synthetic_gaussian
-    from hessspec.models import make_model
-    from hessspec.objective import make_objective
-    from hessspec.theory import gd_steps_to_tolerance, input_correlation_spectrum_prediction
+    from hessspec.analysis.theory import (
+        gd_steps_to_tolerance,
+        input_correlation_spectrum_prediction,
+    )
+    from hessspec.nn.data import synthetic_gaussian
+    from hessspec.nn.models import make_model
+    from hessspec.nn.objective import make_objective
 
     dtype = _dtype(cfg.dtype)
     n, p = cfg.num_inputs, cfg.num_samples
@@ -800,7 +804,7 @@ def _mean_direction_overlap(op, vector, mean_direction: np.ndarray) -> float:
 
 def _analyse_mlp(model, cfg: MLPSettings, sub, mode, mean_direction, key) -> dict[str, Any]:
     import hessspec as hs
-    from hessspec.objective import make_objective
+    from hessspec.nn.objective import make_objective
 
     obj = make_objective(
         model,
@@ -839,10 +843,9 @@ def _analyse_mlp(model, cfg: MLPSettings, sub, mode, mean_direction, key) -> dic
 
 
 def _run_mlp(config: InputBiasConfig, bar) -> dict[str, Any]:
-    from hessspec.config import TrainConfig
-    from hessspec.data import load_digits, subsample
-    from hessspec.models import make_model
-    from hessspec.train import train
+    from hessspec.nn.data import load_digits, subsample
+    from hessspec.nn.models import make_model
+    from hessspec.nn.train import TrainConfig, train
 
     cfg = config.mlp
     dtype = _dtype(cfg.dtype)
@@ -923,7 +926,7 @@ def plot_linear_density(results: Mapping[str, Any], axes=None):
     Returns:
         The matplotlib Figure.
     """
-    from hessspec.theory import marchenko_pastur
+    from hessspec.analysis.theory import marchenko_pastur
 
     lin = results["linear"]
     if axes is None:
@@ -973,7 +976,7 @@ def plot_linear_density(results: Mapping[str, Any], axes=None):
 
 def plot_gd_convergence(results: Mapping[str, Any], ax=None):
     """GD parameter error ratio against steps, biased vs centred, with the worst-case
-    bound ``rate^t`` of :func:`hessspec.theory.gd_steps_to_tolerance`.
+    bound ``rate^t`` of :func:`hessspec.analysis.theory.gd_steps_to_tolerance`.
 
     Args:
         results: the dict the study returns (or its parsed results.json).

@@ -277,7 +277,7 @@ def synthetic_gaussian(
     :math:`\\frac{1}{2p}\\sum_i (w^\\top x_i - y_i)^2` the Hessian is the input correlation
     matrix :math:`R = X^\\top X / p` whatever the targets are: one outlier near
     :math:`N m^2 + v` when :math:`m \\ne 0`, the rest Marchenko–Pastur with ratio
-    :math:`N/p` (DESIGN.md). Targets only matter for the loss value and the gradient:
+    :math:`N/p` (docs/design.md). Targets only matter for the loss value and the gradient:
 
     - ``targets="teacher"``: :math:`y = X w^* + \\epsilon`, teacher
       :math:`w^* \\sim \\mathcal N(0, I_N / N)` (drawn from ``seed`` unless given) and

@@ -22,10 +22,10 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from hessspec.krylov import KrylovRunner, basis_rows, check_finite
-from hessspec.linop import LinearOperator, as_operator
-from hessspec.linop import basis_dtype as resolve_basis_dtype
-from hessspec.memory import check_call
+from hessspec.linalg.krylov import KrylovRunner, basis_rows, check_finite
+from hessspec.linalg.linop import LinearOperator, as_operator
+from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
+from hessspec.linalg.memory import check_call
 
 __all__ = ["TraceEstimate", "trace"]
 
@@ -63,18 +63,19 @@ def trace(
     orthonormalization (Gram-Schmidt, twice) gives ``Q``; ``s`` more for the exact
     ``tr(Q^T A Q)``; and ``g = m - 2s`` Hutchinson probes ``(I - QQ^T) z`` on the remainder
     (when ``s = dim`` the remainder is 0 and the answer exact: only ``2 dim + 2`` matvecs are
-    spent and stderr is ~0). ``Q`` lives in the rows of :mod:`hessspec.krylov`'s basis, and
+    spent and stderr is ~0). ``Q`` lives in the rows of :mod:`hessspec.linalg.krylov`'s basis, and
     every matvec runs in its compiled engine: the same program as the Lanczos solvers on
     this operator, whatever ``num_matvecs``.
 
     Args:
-        op: :class:`~hessspec.linop.LinearOperator`, or a callable ``v -> A v`` with ``dim=``.
+        op: :class:`~hessspec.linalg.linop.LinearOperator`, or a callable ``v -> A v`` with
+        ``dim=``.
         num_matvecs: total matvec budget ``m``: at least 2 (Hutchinson) or 4 (Hutch++).
         key: PRNG key; ``None`` uses ``jax.random.key(0)``.
         method: ``"hutch++"`` or ``"hutchinson"``.
         dim: vector length when ``op`` is a plain callable.
         basis_dtype: dtype in which ``Q`` is stored (see :func:`hessspec.top_eigenpairs`).
-        check_memory: compare :func:`hessspec.memory.estimate_memory` with the memory
+        check_memory: compare :func:`hessspec.linalg.memory.estimate_memory` with the memory
             available first and raise ``MemoryError`` if it cannot fit; a number is used as
             the available bytes; False skips the check.
 

@@ -1,7 +1,8 @@
 """The Krylov engine: one compiled matvec loop shared by every solver.
 
 Lanczos (:func:`hessspec.top_eigenpairs`, :func:`hessspec.lanczos_tridiag`), stochastic Lanczos
-quadrature (:func:`hessspec.spectral_density`) and Hutch++ (:func:`hessspec.trace`) all run the
+quadrature (:func:`hessspec.spectral_density`) and Hutch++ (:func:`hessspec.linalg.trace`) all run
+the
 same compiled program, :func:`_engine`: a ``lax.while_loop`` whose body takes one vector ``x``,
 computes ``w = A x`` with the operator's matvec, and does one of three things with it. What
 the program depends on is the operator's *structure* (its ``apply``, hashable by value, and
@@ -34,7 +35,7 @@ Gram-Schmidt pass reads only the blocks already filled, in the basis dtype (the 
 float64 where x64 is on, or float32 on request), in device or host memory.
 
 Precision: vectors, coefficients and the projected matrix are in the solver dtype
-(:func:`hessspec.linop.solver_dtype`); each ``x`` is cast to the operator's dtype for the
+(:func:`hessspec.linalg.linop.solver_dtype`); each ``x`` is cast to the operator's dtype for the
 matvec and the product cast back.
 
 Reorthogonalization: a Lanczos step subtracts the three-term recurrence and then makes one
@@ -53,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hessspec.linop import LinearOperator, matvec, solver_dtype
+from hessspec.linalg.linop import LinearOperator, matvec, solver_dtype
 
 __all__ = [
     "BASIS_MEMORIES",

@@ -1,6 +1,7 @@
 """The output of a study: results.json, spectra.npz, figures/*.png and report.md.
 
-Every file is written atomically (:func:`hessspec.runfolder.atomic_write_bytes`), so a
+Every file is written atomically (:func:`hessspec.studies.common.runfolder.atomic_write_bytes`), so
+a
 reader or an interrupted run never sees a half-written file. ``results.json`` and
 ``spectra.npz`` are rewritten after every checkpoint (spectra.npz first: results.json only
 ever lists checkpoints whose arrays are on disk), so an interrupted run keeps everything it
@@ -47,7 +48,11 @@ from typing import Any
 
 import numpy as np
 
-from hessspec.runfolder import OutputFolderError, atomic_write_bytes, atomic_write_text
+from hessspec.studies.common.runfolder import (
+    OutputFolderError,
+    atomic_write_bytes,
+    atomic_write_text,
+)
 
 __all__ = [
     "FIGURES_DIR",
@@ -94,7 +99,8 @@ def spectra_key(run: str, step: int, name: str) -> str:
 def prepare_output_dir(path: str | Path, overwrite: bool) -> Path:
     """Make sure ``path`` can receive a study's output, for library use
     (``run_study(setup, prepare_output_dir(path, overwrite=False))``; the CLI uses
-    :class:`hessspec.runfolder.RunFolder`, which also locks the folder and swaps a new run
+    :class:`hessspec.studies.common.runfolder.RunFolder`, which also locks the folder and swaps a
+    new run
     in only when it completes).
 
     A missing or empty folder is created. A folder holding anything refuses, unless
@@ -104,7 +110,7 @@ def prepare_output_dir(path: str | Path, overwrite: bool) -> Path:
     Raises:
         OutputFolderError: non-empty folder without ``overwrite``, or ``path`` is a file.
     """
-    from hessspec.runfolder import (
+    from hessspec.studies.common.runfolder import (
         LOCK_NAME,
         listed_files,
         remove_listed_files,
@@ -133,7 +139,8 @@ class ResultsWriter:
     A checkpoint is recorded only once its arrays are on disk: when writing spectra.npz
     fails (a full disk), nothing changes, in memory or on disk, and the error propagates.
     Every change happens under :attr:`lock` (shared with
-    :class:`hessspec.interrupts.InterruptGuard`, whose watchdog may write results.json from
+    :class:`hessspec.studies.common.interrupts.InterruptGuard`, whose watchdog may write
+    results.json from
     another thread).
 
     Args:
@@ -228,7 +235,7 @@ class ResultsWriter:
         results.json. If spectra.npz cannot be written nothing is recorded.
 
         Raises:
-            hessspec.runfolder.OutputWriteError: a file could not be written.
+            hessspec.studies.common.runfolder.OutputWriteError: a file could not be written.
         """
         with self.lock:
             run = self.results["runs"][run_index]
@@ -757,7 +764,7 @@ def write_report(
     Returns:
         Figure captions mapped to their paths relative to ``out_dir``.
     """
-    from hessspec import plots
+    from hessspec.studies.batchnorm_spectrum import plots
 
     out_dir = Path(out_dir)
     if results is None or spectra is None:

@@ -1,0 +1,1 @@
+"""The command line, ``python -m hessspec.run``: config in, run folder out."""

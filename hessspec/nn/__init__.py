@@ -1,0 +1,3 @@
+"""Networks: models (flax nnx), objectives with an explicit BatchNorm mode, data loaders and
+the one optax training loop.
+"""

@@ -1,0 +1,1 @@
+"""LeCun, Kanter & Solla 1991: input statistics and the Hessian's outlier."""

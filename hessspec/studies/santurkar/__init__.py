@@ -1,0 +1,1 @@
+"""Santurkar et al. 2018: how BatchNorm smooths the loss landscape."""
