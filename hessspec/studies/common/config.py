@@ -12,13 +12,14 @@ config, :func:`describe_fields` lists the fields for ``--help``. Every problem r
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 __all__ = [
     "MAX_SEED",
@@ -183,22 +184,17 @@ def config_to_mapping(config: Any) -> dict[str, Any]:
     return out
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a TOML basic string is a JSON string for these characters
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+def _toml_literal(value: Any) -> str:
+    """``value`` as a TOML literal on one line (``"text"``, ``0.5``, ``[64, 64]``), for
+    ``--help``: tomli-w writes each scalar, lists stay inline."""
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_literal(item) for item in value) + "]"
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").removesuffix("\n")
 
 
 def config_to_toml(config: Any, experiment: str) -> str:
-    """A config dataclass as TOML text; reading it back gives the same config.
+    """A config dataclass as TOML text (written by tomli-w); reading it back gives the same
+    config.
 
     Args:
         config: a frozen config dataclass.
@@ -207,18 +203,7 @@ def config_to_toml(config: Any, experiment: str) -> str:
     Returns:
         TOML text: ``experiment``, the top-level keys, then one table per nested section.
     """
-    values = config_to_mapping(config)
-    lines = [f"experiment = {_toml_value(experiment)}"]
-    tables = []
-    for k, v in values.items():
-        if isinstance(v, dict):
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {_toml_value(v)}")
-    for name, table in tables:
-        lines += ["", f"[{name}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+    return tomli_w.dumps({"experiment": experiment, **config_to_mapping(config)})
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -332,5 +317,5 @@ def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
             rows += [(f"{f.name}.{k}", *rest) for k, *rest in describe_fields(type(value))]
             continue
         kind = _type_name(hints[f.name]).removeprefix("a ").removeprefix("an ")
-        rows.append((f.name, kind, _toml_value(value), f.metadata.get("help", "")))
+        rows.append((f.name, kind, _toml_literal(value), f.metadata.get("help", "")))
     return rows
