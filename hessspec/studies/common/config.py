@@ -12,14 +12,13 @@ config, :func:`describe_fields` lists the fields for ``--help``. Every problem r
 from __future__ import annotations
 
 import dataclasses
-import functools
+import math
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import pydantic
 import tomli_w
 
 __all__ = [
@@ -75,45 +74,24 @@ def _describe_value(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _strict(tp: Any) -> Any:
-    """The pydantic type that checks values of the field type ``tp`` like a config: strict
-    scalars (no ``"5"`` for an integer, no ``true`` for a number; integers are numbers),
-    finite numbers only, lists (or tuples) for tuples."""
-    if typing.get_origin(tp) is tuple:
-        args = typing.get_args(tp)
-        return tuple[tuple(a if a is Ellipsis else _strict(a) for a in args)]
-    if tp not in _TYPE_NAMES:  # pragma: no cover - a field type this module does not know
-        raise TypeError(f"unsupported config field type {tp!r}")
-    if tp is float:
-        return Annotated[float, pydantic.Strict(), pydantic.AllowInfNan(False)]
-    return Annotated[tp, pydantic.Strict()]
-
-
-@functools.cache
-def _adapter(tp: Any) -> pydantic.TypeAdapter:
-    return pydantic.TypeAdapter(_strict(tp))
-
-
-def _invalid(error: Mapping[str, Any], tp: Any, key: str) -> ConfigError:
-    """pydantic's first ``error`` for the field ``key`` of type ``tp`` as one line."""
-    value, loc = error["input"], error["loc"]
-    args = typing.get_args(tp)
-    if error["type"] in ("too_long", "missing"):  # a fixed-length list of another length
-        return ConfigError(
-            f"config key {key!r} must be a list of {len(args)} values, got {list(value)!r}."
-        )
-    if loc:  # an item of a list
-        key, tp = f"{key}[{loc[0]}]", args[0] if Ellipsis in args else args[loc[0]]
-    if error["type"] == "finite_number":
-        return ConfigError(f"config key {key!r} must be finite, got {value!r}.")
-    return ConfigError(
-        f"config key {key!r} must be {_type_name(tp)}, got {_describe_value(value)}."
-    )
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked against the field type ``tp`` (pydantic, strict): lists become
-    tuples, ints floats, tables nested config dataclasses."""
+    """``value`` checked against the field type ``tp``: lists become tuples, ints floats,
+    tables nested config dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(
+                f"config key {key!r} must be {_type_name(tp)}, got {_describe_value(value)}."
+            )
+        if Ellipsis in args:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(
+                f"config key {key!r} must be a list of {len(args)} values, got {list(value)!r}."
+            )
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(
@@ -121,10 +99,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 f"{_describe_value(value)}."
             )
         return config_from_mapping(tp, value, prefix=f"{key}.")
-    try:
-        return _adapter(tp).validate_python(value)
-    except pydantic.ValidationError as e:
-        raise _invalid(e.errors()[0], tp, key) from None
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp)
+    if ok is None:  # pragma: no cover - a field type this module does not know
+        raise TypeError(f"unsupported config field type {tp!r} for {key!r}")
+    if not ok:
+        raise ConfigError(
+            f"config key {key!r} must be {_type_name(tp)}, got {_describe_value(value)}."
+        )
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {key!r} must be finite, got {value!r}.")
+    return value
 
 
 def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
