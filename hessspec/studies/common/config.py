@@ -7,6 +7,13 @@ dataclasses, :func:`apply_overrides` changes single fields from ``"a.b=value"`` 
 CLI's ``--set``), :func:`config_to_toml` writes a config back as TOML that loads to the same
 config, :func:`describe_fields` lists the fields for ``--help``. Every problem raises
 :class:`ConfigError` with one line naming the key, what was expected and what was given.
+
+TOML is read by :mod:`tomllib` and written by tomli-w. The type checks are hand-written:
+pydantic's ``TypeAdapter`` on these stdlib dataclasses is strict only for dataclass instances
+(not tables), and lax mode takes ``"5"`` for an integer and ignores unknown keys; strict
+adapters per field type work, but turning their errors into these messages takes as many
+lines as the checks themselves. Unknown keys (with the closest valid one), tables, the
+``experiment`` key and ``--set`` parsing have no library equivalent with these messages.
 """
 
 from __future__ import annotations
