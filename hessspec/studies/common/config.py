@@ -7,18 +7,26 @@ dataclasses, :func:`apply_overrides` changes single fields from ``"a.b=value"`` 
 CLI's ``--set``), :func:`config_to_toml` writes a config back as TOML that loads to the same
 config, :func:`describe_fields` lists the fields for ``--help``. Every problem raises
 :class:`ConfigError` with one line naming the key, what was expected and what was given.
+
+TOML is read by :mod:`tomllib` and written by tomli-w. The type checks are hand-written:
+pydantic's ``TypeAdapter`` on these stdlib dataclasses is strict only for dataclass instances
+(not tables), and lax mode takes ``"5"`` for an integer and ignores unknown keys; strict
+adapters per field type work, but turning their errors into these messages takes as many
+lines as the checks themselves. Unknown keys (with the closest valid one), tables, the
+``experiment`` key and ``--set`` parsing have no library equivalent with these messages.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 __all__ = [
     "MAX_SEED",
@@ -183,22 +191,17 @@ def config_to_mapping(config: Any) -> dict[str, Any]:
     return out
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a TOML basic string is a JSON string for these characters
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+def _toml_literal(value: Any) -> str:
+    """``value`` as a TOML literal on one line (``"text"``, ``0.5``, ``[64, 64]``), for
+    ``--help``: tomli-w writes each scalar, lists stay inline."""
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_literal(item) for item in value) + "]"
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").removesuffix("\n")
 
 
 def config_to_toml(config: Any, experiment: str) -> str:
-    """A config dataclass as TOML text; reading it back gives the same config.
+    """A config dataclass as TOML text (written by tomli-w); reading it back gives the same
+    config.
 
     Args:
         config: a frozen config dataclass.
@@ -207,18 +210,7 @@ def config_to_toml(config: Any, experiment: str) -> str:
     Returns:
         TOML text: ``experiment``, the top-level keys, then one table per nested section.
     """
-    values = config_to_mapping(config)
-    lines = [f"experiment = {_toml_value(experiment)}"]
-    tables = []
-    for k, v in values.items():
-        if isinstance(v, dict):
-            tables.append((k, v))
-        else:
-            lines.append(f"{k} = {_toml_value(v)}")
-    for name, table in tables:
-        lines += ["", f"[{name}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+    return tomli_w.dumps({"experiment": experiment, **config_to_mapping(config)})
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -332,5 +324,5 @@ def describe_fields(cls: type) -> list[tuple[str, str, str, str]]:
             rows += [(f"{f.name}.{k}", *rest) for k, *rest in describe_fields(type(value))]
             continue
         kind = _type_name(hints[f.name]).removeprefix("a ").removeprefix("an ")
-        rows.append((f.name, kind, _toml_value(value), f.metadata.get("help", "")))
+        rows.append((f.name, kind, _toml_literal(value), f.metadata.get("help", "")))
     return rows
