@@ -167,15 +167,15 @@ def load_cifar10(
     check_split(split)
     dtype = check_float_dtype(dtype)
     folder = _cifar_dir(default_data_dir() / "cifar10" if path is None else path)
-    x, labels, mean, std = _scaled_split(
-        lambda part: _read_cifar_split(folder, part), split, standardize, flatten, (0, 1, 2)
-    )
-    return Dataset(
-        x=x.astype(dtype),
-        y=labels,
-        num_classes=10,
-        name=f"cifar10/{split}",
-        info={"mean": mean, "std": std, "path": str(folder), "standardize": standardize},
+    return _image_split(
+        lambda part: _read_cifar_split(folder, part),
+        f"cifar10/{split}",
+        split,
+        folder,
+        standardize=standardize,
+        flatten=flatten,
+        dtype=dtype,
+        axes=(0, 1, 2),
     )
 
 
@@ -295,34 +295,40 @@ def load_mnist(
     check_split(split)
     dtype = check_float_dtype(dtype)
     root = Path(default_data_dir() / "mnist" if path is None else path).expanduser()
-    x, labels, mean, std = _scaled_split(
-        lambda part: _read_mnist_split(root, part), split, standardize, flatten, None
-    )
-    return Dataset(
-        x=x.astype(dtype),
-        y=labels,
-        num_classes=10,
-        name=f"mnist/{split}",
-        info={"mean": mean, "std": std, "path": str(root), "standardize": standardize},
+    return _image_split(
+        lambda part: _read_mnist_split(root, part),
+        f"mnist/{split}",
+        split,
+        root,
+        standardize=standardize,
+        flatten=flatten,
+        dtype=dtype,
+        axes=None,
     )
 
 
-def _scaled_split(
+def _image_split(
     read: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    name: str,
     split: str,
+    path: Path,
+    *,
     standardize: bool,
     flatten: bool,
+    dtype,
     axes: tuple[int, ...] | None,
-):
-    """``(x, labels, mean, std)`` of a split of uint8 images: pixels ``/ 255`` in float64,
-    standardized with the mean and standard deviation of the TRAIN images over ``axes``
-    (``(0, 1, 2)``: per channel, arrays; None: over everything, floats) when asked
-    (``mean, std = 0, 1`` otherwise, shaped alike), flattened to vectors when asked.
+) -> Dataset:
+    """The 10-class dataset ``name`` of the ``split`` of uint8 images: pixels
+    ``/ 255`` in float64, standardized with the mean and standard deviation of the TRAIN
+    images over ``axes`` (``(0, 1, 2)``: per channel, arrays; None: over everything, floats)
+    when asked (``info["mean"], info["std"] = 0, 1`` otherwise, shaped alike), flattened to
+    vectors when asked, cast to ``dtype``.
 
     Args:
         read: ``read(part) -> (images (n, H, W, C) uint8, labels (n,))`` for ``"train"``
             and ``"test"``.
         split: ``"train"``, ``"test"`` or ``"all"`` (train then test).
+        path: the folder read (``info["path"]``).
     """
     if split == "all":
         tr, trl = read("train")
@@ -345,4 +351,10 @@ def _scaled_split(
         x = (x - mean) / std
     if flatten:
         x = x.reshape(x.shape[0], -1)
-    return x, labels, mean, std
+    return Dataset(
+        x=x.astype(dtype),
+        y=labels,
+        num_classes=10,
+        name=name,
+        info={"mean": mean, "std": std, "path": str(path), "standardize": standardize},
+    )
