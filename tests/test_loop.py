@@ -203,3 +203,32 @@ def test_bad_options_name_the_problem(problem):
         optimize(_loss, start, optax.sgd(0.1), data, num_steps=3, observe=print, observe_at=[4])
     with pytest.raises(ValueError, match="schedule is over 10 examples; the data has 24"):
         optimize(_loss, start, optax.sgd(0.1), data, num_steps=3, batches=BatchOrder(10, 2, 0))
+
+
+def test_full_batch_run_interrupted_and_resumed_takes_the_same_steps(problem):
+    """Saves at their steps; a KeyboardInterrupt in an observer saves the state reached;
+    resuming from it (chunks of 5 across the resumed step) ends where the uninterrupted run
+    ends, with the same losses, and saves only what is new."""
+    x, y, start = problem
+    data, tx = {"x": x, "y": y}, optax.sgd(0.05, momentum=0.5)
+    ref = optimize(_loss, start, tx, data, num_steps=20, chunk=5)
+
+    def interrupt(obs):
+        raise KeyboardInterrupt
+
+    saved = []
+    with pytest.raises(KeyboardInterrupt):
+        optimize(_loss, start, tx, data, num_steps=20, chunk=5, save_at=[7],
+                 on_save=lambda s, kind: saved.append((s, kind)), observe=interrupt,
+                 observe_at=[12])  # fmt: skip
+    assert [(s.step, kind) for s, kind in saved] == [(7, "checkpoint"), (12, "interrupt")]
+    state = saved[-1][0]
+    assert state.data_order == {"full_batch": True, "num_examples": N}
+    np.testing.assert_array_equal(state.losses, ref.losses[:12])
+    later = []
+    resumed = optimize(_loss, None, tx, data, num_steps=20, chunk=5, resume_from=state,
+                       save_at=[7], on_save=lambda s, k: later.append((s.step, k)))  # fmt: skip
+    assert later == [(20, "final")] and resumed.step == 20
+    np.testing.assert_array_equal(resumed.losses, ref.losses)
+    for a, b in zip(resumed.params.values(), ref.params.values(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-14)

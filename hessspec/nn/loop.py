@@ -27,6 +27,7 @@ the first step where it appeared.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
 import time
@@ -87,7 +88,7 @@ class OptimizeResult(NamedTuple):
         losses: ``(step,)`` mini-batch loss of every update before it was applied (a
             resumed run includes the steps before the resume), float64.
         metrics: ``(step - start,)`` ``metric(params)`` after each update of this call
-            (empty without ``metric``), float64.
+            (``start``: the step it started from; empty without ``metric``), float64.
         stopped_at: the first step at which ``stop_when`` held, or None.
         observations: ``(step, value)`` for every observation whose observer returned
             something other than None, in order.
@@ -353,6 +354,7 @@ class _Run:
         self.num_steps = num_steps
         self.observe, self.observe_at = hooks["observe"], hooks["observe_at"]
         self.on_save, self.save_at = hooks["on_save"], hooks["save_at"]
+        self.events = sorted({*self.observe_at, *self.save_at, num_steps})
         self.saved_step = cursor.step if resumed else -1  # the resumed state is saved already
         self.stopped_at: int | None = None
         self.observations: list[tuple[int, Any]] = []
@@ -360,8 +362,8 @@ class _Run:
         self.last = None
 
     def next_event(self, step: int) -> int:
-        later = [s for s in (*self.observe_at, *self.save_at) if s > step]
-        return min([self.num_steps, *later])
+        """The first observation or save step after ``step`` (at the latest the end)."""
+        return self.events[bisect.bisect_right(self.events, step)]
 
     def at_event(self) -> None:
         """At an observation or save step, or the end: check the curve, save, observe."""
@@ -374,7 +376,7 @@ class _Run:
         stream.stop_clock()
         stream.flush(step)  # the last loss is checked here too
         report.pause(f"analysing step {step}" if observing else "saving")
-        if self.on_save is not None and step != self.saved_step:
+        if self.on_save is not None and (step in self.save_at or end) and step != self.saved_step:
             kind = "checkpoint" if step in self.save_at else "final"
             self.on_save(stream.training_state(self.cursor, self.schedule), kind)
             self.saved_step = step
