@@ -410,7 +410,9 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
       curve), and the sessions trained steps 0-11 and 11-16, none twice;
     - ``analyze`` of A with ``analysis.top_k=30`` writes 30 eigenvalues per checkpoint
       without training, the top ones those of A."""
-    import hessspec.nn.train
+    import importlib
+
+    htrain = importlib.import_module("hessspec.nn.train")  # the module, not the function
     from hessspec.studies.batchnorm_spectrum.analyzer import CheckpointAnalyzer
     from hessspec.studies.batchnorm_spectrum.report import compare_results
 
@@ -421,7 +423,7 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
     reference = _assert_whole(ref)
 
     steps_run = []  # one loss per update the optimizer takes
-    real_append, real_batch = hessspec.nn.train.LossCurve.append, hessspec.nn.train.BatchOrder.batch
+    real_append, real_batch = htrain.LossCurve.append, htrain.BatchOrder.batch
 
     def counting_append(self, value):
         steps_run.append(len(self))
@@ -433,8 +435,8 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
         return real_batch(self, step)
 
     interrupting_batch.stop_at = 11
-    monkeypatch.setattr(hessspec.nn.train.LossCurve, "append", counting_append)
-    monkeypatch.setattr(hessspec.nn.train.BatchOrder, "batch", interrupting_batch)
+    monkeypatch.setattr(htrain.LossCurve, "append", counting_append)
+    monkeypatch.setattr(htrain.BatchOrder, "batch", interrupting_batch)
     assert main([*args, "--out", str(out)]) == 130
     first = load_results(out)[0]
     assert (first["status"], first["stopped_during"]) == ("interrupted", "training")
@@ -466,8 +468,8 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
     def no_training(*a, **k):
         raise AssertionError("analyze trained")
 
-    monkeypatch.setattr(hessspec.nn.train, "train", no_training)
-    monkeypatch.setattr(hessspec.nn.train.BatchOrder, "batch", no_training)
+    monkeypatch.setattr(htrain, "train", no_training)
+    monkeypatch.setattr(htrain.BatchOrder, "batch", no_training)
     top30 = tmp_path / "top30"
     assert main(["analyze", str(ref), "--out", str(top30), "--set", "analysis.top_k=30",
                  "--no-progress"]) == 0  # fmt: skip
@@ -848,9 +850,11 @@ def test_memory_line_before_training(tmp_path, monkeypatch, capsys):
 def test_memory_limit_refuses_before_training(tmp_path, monkeypatch, capsys):
     """A budget below the estimate: exit status 2 before any training, with what the
     analysis needs, what is available and the options that lower the need; nothing written."""
-    import hessspec.nn.train
+    import importlib
 
-    monkeypatch.setattr(hessspec.nn.train, "train", _no_training)
+    htrain = importlib.import_module("hessspec.nn.train")  # the module, not the function
+
+    monkeypatch.setattr(htrain, "train", _no_training)
     out = tmp_path / "out"
     assert main([*TINY, "--memory-limit", "1e-5", "--out", str(out)]) == 2
     err = capsys.readouterr().err

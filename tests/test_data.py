@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hessspec.nn import data as hd
+from hessspec.nn import data_files as hdf
 
 # --------------------------------------------------------------------------------------
 # Dataset
@@ -342,7 +343,7 @@ def test_cifar10_corrupt_pickles_are_named_never_escaped(tmp_path, rng):
         protocol=2,
     )
     (tmp_path / "test_batch").write_bytes(good)
-    assert hd._read_cifar_batch(tmp_path / "test_batch")[0].shape == (4, 32, 32, 3)
+    assert hdf._read_cifar_batch(tmp_path / "test_batch")[0].shape == (4, 32, 32, 3)
     chooser = random.Random(0)
     for _ in range(300):
         corrupt = bytearray(good)
@@ -350,16 +351,16 @@ def test_cifar10_corrupt_pickles_are_named_never_escaped(tmp_path, rng):
             corrupt[chooser.randrange(200)] = chooser.randrange(256)
         (tmp_path / "test_batch").write_bytes(bytes(corrupt))
         try:
-            hd._read_cifar_batch(tmp_path / "test_batch")
+            hdf._read_cifar_batch(tmp_path / "test_batch")
         except ValueError as e:
             assert "test_batch" in str(e)
     for hostile in (pickle.dumps(os.system), pickle.dumps({b"data": os.getcwd})):
         (tmp_path / "test_batch").write_bytes(hostile)
         with pytest.raises(ValueError, match=r"names posix\.(system|getcwd), which a CIFAR-10"):
-            hd._read_cifar_batch(tmp_path / "test_batch")
+            hdf._read_cifar_batch(tmp_path / "test_batch")
     (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": [2**80], b"labels": [2**70]}))
     with pytest.raises(ValueError, match="test_batch"):
-        hd._read_cifar_batch(tmp_path / "test_batch")
+        hdf._read_cifar_batch(tmp_path / "test_batch")
 
 
 def test_stratified_subsets_at_the_edges():

@@ -105,6 +105,11 @@ def test_make_model_factory_and_errors():
         hm.make_model("mlp", (5,), 2, False, noisy_batchnorm=True)
     with pytest.raises(ValueError, match="unknown activation"):
         hm.make_model("mlp", (5,), 2, False, activation="swish7")
+    with pytest.raises(TypeError, match=r"CNN: unknown keyword argument\(s\) \['bn_momentom'\]"):
+        hm.make_model("cnn", (8, 8, 1), 2, True, bn_momentom=0.5)
+    # the norm options reach every BN layer
+    res = hm.make_model("resnet", (8, 8, 1), 2, True, widths=(2, 3), bn_momentum=0.5)
+    assert {layer.momentum for _, layer in hm.batchnorm_layers(res)} == {0.5}
 
 
 def test_noisy_batchnorm_shifts_and_scales_in_train_mode():

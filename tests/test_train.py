@@ -190,10 +190,11 @@ def test_batch_order_resumes_anywhere():
 def test_loss_curve_streams_to_the_host(digits):
     """The loss of every step reaches the host in chunks: never more than the cap pending
     on the device, the same values as computing them at once."""
-    from hessspec.nn import train as htrain
+    from hessspec.nn import loop as hloop
+    from hessspec.nn.train import LossCurve
 
     pending = []
-    real_append = htrain.LossCurve.append
+    real_append = LossCurve.append
 
     def spy(self, value):
         real_append(self, value)
@@ -201,11 +202,11 @@ def test_loss_curve_streams_to_the_host(digits):
 
     cfg = dataclasses.replace(CFG, steps=300)
     model = make_model("mlp", digits.input_shape, 10, False, seed=0, hidden=[4])
-    curve = htrain.LossCurve()
+    curve = LossCurve()
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(htrain.LossCurve, "append", spy)
+        m.setattr(LossCurve, "append", spy)
         hist = train(model, digits.x, digits.y, cfg, seed=0, progress=False, curve=curve)
-    assert len(pending) == 300 and max(pending) <= htrain._MAX_PENDING
+    assert len(pending) == 300 and max(pending) <= hloop._MAX_PENDING
     assert curve.num_flushed == 300 and curve.pending == 0
     np.testing.assert_array_equal(curve.host_losses(), hist.losses)
     assert hist.losses.shape == (300,) and np.all(np.isfinite(hist.losses))
@@ -322,3 +323,37 @@ def test_log_lines_when_not_a_terminal():
     assert len(steps) == 10 and "step 100/100 (100%), loss 0.5000" in steps[-1]
     assert lines[-2].endswith("analysing mlp: step 100: top eigenpairs")
     assert all(line.startswith("hessspec [") and " s]: " in line for line in lines)
+
+
+def test_observers_alongside_checkpoints(digits):
+    """train's observe/observe_at: the loop's observer at its steps, with the parameters
+    and BN statistics the checkpoint callback sees at a common step (pure dicts), its
+    values recorded and handed back; the checkpoint steps stay those of the callback."""
+    from hessspec.nn import make_model as top_make_model
+    from hessspec.nn import train as top_train
+
+    assert top_train is train and top_make_model is make_model
+    at_checkpoint, seen = {}, []
+
+    def record(step, model, status):
+        rest = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[2])
+        at_checkpoint[step] = (_params(model), [np.asarray(v) for v in jax.tree.leaves(rest)])
+
+    def observe(obs):
+        seen.append((obs.step, obs.last, [np.asarray(v) for v in jax.tree.leaves(obs.state)]))
+        return float(
+            np.linalg.norm(np.concatenate([np.ravel(v) for v in jax.tree.leaves(obs.params)]))
+        )
+
+    model = make_model("mlp", digits.input_shape, 10, True, seed=0, hidden=[8])
+    hist = train(model, digits.x, digits.y, CFG, checkpoints=[4, 12], on_checkpoint=record,
+                 observe=observe, observe_at=range(0, 13, 4), seed=3, progress=False)  # fmt: skip
+    assert hist.checkpoints == (4, 12) and [s for s, _ in hist.observations] == [0, 4, 8, 12]
+    assert [last for _, last, _ in seen] == [None, *[v for _, v in hist.observations[:-1]]]
+    for step, _, state in seen:
+        if step in at_checkpoint:  # the same step's parameters and BN statistics
+            norm = dict(hist.observations)[step]
+            np.testing.assert_allclose(norm, np.linalg.norm(at_checkpoint[step][0]), rtol=1e-12)
+            for a, b in zip(state, at_checkpoint[step][1], strict=True):
+                np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(hist.observations[-1][1], np.linalg.norm(_params(model)), rtol=1e-12)

@@ -9,10 +9,14 @@ Every model maps a batch of inputs to outputs (logits) of shape ``(N, num_classe
 BatchNorm (``batchnorm=True``) sits after every linear/convolution layer except the
 output layer, before the nonlinearity; those layers then have no bias (a bias before BN
 is cancelled by the mean subtraction: it would only add exactly flat directions to the
-Hessian). BN layers are :class:`BatchNorm`, an ``nnx.BatchNorm`` that computes the exact
-two-pass variance :math:`\\mathbb E[(x - \\mathbb E x)^2]` (flax's default
-:math:`\\mathbb E[x^2] - (\\mathbb E x)^2` loses digits) with momentum 0.9 by default.
-``noisy_batchnorm=True`` uses :class:`NoisyBatchNorm` instead (Santurkar et al. 2018).
+Hessian). BN layers are :class:`~hessspec.nn.layers.BatchNorm`, an ``nnx.BatchNorm`` that
+computes the exact two-pass variance :math:`\\mathbb E[(x - \\mathbb E x)^2]` (flax's
+default :math:`\\mathbb E[x^2] - (\\mathbb E x)^2` loses digits) with momentum 0.9 by
+default. ``noisy_batchnorm=True`` uses :class:`~hessspec.nn.layers.NoisyBatchNorm` instead
+(Santurkar et al. 2018). The norm options every model with BN takes, as keywords:
+``bn_momentum``, ``bn_epsilon``, ``noise_shift``, ``noise_scale``, ``noise_per_example``
+(:class:`~hessspec.nn.layers.NormSpec`). The layers themselves live in
+:mod:`hessspec.nn.layers` (and are importable from here too).
 
 Modes follow nnx: ``model.train()`` makes BN use batch statistics (and update its running
 averages) and switches BN noise on; ``model.eval()`` makes BN use the running averages and
@@ -22,7 +26,6 @@ fixes the BN mode explicitly and never mutates the model.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -30,6 +33,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from hessspec.nn.layers import (
+    BatchNorm,
+    Identity,
+    NoisyBatchNorm,
+    NormSpec,
+    activation_fn,
+    conv,
+    dense,
+    fan_in_normal,
+    kernel_init,
+    record_input_stats,
+)
 
 __all__ = [
     "CNN",
@@ -43,246 +59,9 @@ __all__ = [
     "count_params",
     "fan_in_normal",
     "make_model",
+    "private_copy",
+    "record_input_stats",
 ]
-
-_ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-    "gelu": jax.nn.gelu,
-    "softplus": jax.nn.softplus,
-    "sigmoid": jax.nn.sigmoid,
-    "identity": lambda x: x,
-}
-
-
-def _activation(name: str):
-    try:
-        return _ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}."
-        ) from None
-
-
-_MIN_BUCKET = 4096
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _standard_normal(key: jax.Array, size: int) -> jax.Array:
-    return jax.random.normal(key, (size,), jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 3))
-def _scaled_head(flat: jax.Array, shape: tuple[int, ...], std: float, dtype) -> jax.Array:
-    return flat[: math.prod(shape)].reshape(shape).astype(dtype) * jnp.asarray(std, dtype)
-
-
-def fan_in_normal(gain: float = 1.0):
-    """Initializer drawing :math:`W \\sim \\mathcal N(0, \\text{gain} / \\text{fan\\_in})` i.i.d.
-
-    ``fan_in = prod(shape[:-1])`` (inputs of a dense kernel ``(D_in, D_out)``; receptive
-    field times input channels of a conv kernel ``(kh, kw, C_in, C_out)``). ``gain = 2``
-    is He initialization (ReLU), ``gain = 1`` LeCun.
-
-    The draws are the first ``prod(shape)`` entries of a float32 standard normal vector
-    whose length is rounded up to a power of two (at least 4096), cast to ``dtype`` and
-    scaled. So the random-number program is compiled once per size bucket rather than
-    once per parameter shape (XLA compilation of a random kernel costs about a second on
-    CPU), a given key gives the same weights in float32 and float64 models (up to the
-    final rounding), and the values are identical eagerly and under ``jit``.
-
-    Returns:
-        ``init(key, shape, dtype) -> array``, an ``nnx``/``jax.nn`` initializer.
-    """
-
-    def init(key, shape, dtype=jnp.float32):
-        shape = tuple(int(s) for s in shape)
-        fan_in = math.prod(shape[:-1]) if len(shape) > 1 else 1
-        size = max(math.prod(shape), 1)
-        bucket = max(1 << (size - 1).bit_length(), _MIN_BUCKET)
-        flat = _standard_normal(key, bucket)
-        return _scaled_head(flat, shape, math.sqrt(gain / fan_in), jnp.dtype(dtype))
-
-    return init
-
-
-def _kernel_init(activation: str):
-    """He (fan-in, variance 2/fan_in) for ReLU-like units, LeCun (1/fan_in) otherwise."""
-    if activation in ("relu", "gelu", "softplus"):
-        return fan_in_normal(2.0)
-    return fan_in_normal(1.0)
-
-
-class BatchNorm(nnx.BatchNorm):
-    """``nnx.BatchNorm`` over the last axis with exact variance and momentum 0.9 by default.
-
-    For an input ``x`` of shape ``(N, ..., F)`` in train mode (``use_running_average``
-    False) the output is :math:`\\gamma (x - \\mu_B)/\\sqrt{\\sigma_B^2 + \\epsilon} + \\beta`
-    with :math:`\\mu_B, \\sigma_B^2` of shape ``(F,)`` the mean and biased variance over all
-    axes but the last (two-pass: :math:`\\sigma_B^2 = \\mathbb E[(x-\\mu_B)^2]`), and the
-    running averages are updated as :math:`m \\leftarrow \\rho m + (1-\\rho)\\mu_B`. In eval
-    mode the running averages replace :math:`\\mu_B, \\sigma_B^2`. The running averages are
-    kept in the parameter dtype (at least float32); ``nnx.BatchNorm`` itself always uses
-    float32 for them.
-
-    Setting the attribute ``record_input_stats = True`` makes each call also ``sow`` the
-    pair :math:`(\\mu_B, \\sigma_B^2)` of its input as an ``nnx.Intermediate`` named
-    ``"input_stats"`` (used by :func:`hessspec.nn.objective.population_statistics`).
-
-    Args:
-        num_features: ``F``.
-        momentum: :math:`\\rho` of the running averages.
-        epsilon: :math:`\\epsilon`.
-        use_fast_variance: flax's one-pass variance (off by default).
-        rngs: ``nnx.Rngs``.
-        dtype: dtype of the computation and of the parameters/statistics.
-        **kwargs: passed to ``nnx.BatchNorm``.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        momentum: float = 0.9,
-        epsilon: float = 1e-5,
-        use_fast_variance: bool = False,
-        rngs: nnx.Rngs,
-        dtype=jnp.float32,
-        **kwargs,
-    ):
-        kwargs.setdefault("param_dtype", dtype)
-        super().__init__(
-            num_features,
-            momentum=momentum,
-            epsilon=epsilon,
-            use_fast_variance=use_fast_variance,
-            dtype=dtype,
-            rngs=rngs,
-            **kwargs,
-        )
-        # nnx.BatchNorm keeps its statistics in float32 whatever param_dtype is: keep them
-        # in (at least float32 and) the parameter dtype, so float64 models are exact.
-        stat_dtype = jnp.promote_types(kwargs["param_dtype"], jnp.float32)
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), stat_dtype))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), stat_dtype))
-        self.record_input_stats = False
-
-    def __call__(self, x, use_running_average=None, *, mask=None):
-        if getattr(self, "record_input_stats", False):
-            record_input_stats(self, x, mask)
-        return super().__call__(x, use_running_average, mask=mask)
-
-
-def record_input_stats(bn: nnx.BatchNorm, x: jax.Array, mask=None) -> None:
-    """Sow the exact mean and biased variance of ``x`` over the reduction axes of ``bn``.
-
-    Stored as ``nnx.Intermediate`` ``"input_stats"`` on ``bn``: a tuple of ``(mean, var)``
-    pairs, each of shape ``(F,)``, one per call, computed in at least float32 (float64 for
-    float64 inputs).
-    """
-    if mask is not None:
-        raise ValueError("recording BatchNorm input statistics does not support a mask.")
-    feature_axes = {a % x.ndim for a in np.atleast_1d(bn.axis)}
-    axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-    xd = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
-    mean = xd.mean(axes)
-    var = jnp.square(xd - jnp.expand_dims(mean, axes)).mean(axes)
-    bn.sow(nnx.Intermediate, "input_stats", (mean, var))
-
-
-class NoisyBatchNorm(nnx.Module):
-    """BatchNorm followed by time-varying noise with non-zero mean and non-unit scale.
-
-    The "noisy BatchNorm" of Santurkar et al. 2018 (How does batch normalization help
-    optimization?): the BN output is perturbed so that the activation distribution shifts
-    at every step, re-introducing internal covariate shift after BN. At every call in train
-    mode, for each feature ``j`` (``F`` features) fresh draws
-
-    .. math:: \\text{shift}_j \\sim U(-n_m, n_m), \\qquad \\text{scale}_j \\sim U(1, n_s)
-
-    give :math:`y_{\\cdot j} = \\text{scale}_j \\, \\mathrm{BN}(x)_{\\cdot j} + \\text{shift}_j`:
-    with BN's own :math:`\\gamma = 1, \\beta = 0` the batch mean of feature ``j`` becomes
-    :math:`\\text{shift}_j` and its standard deviation about :math:`\\text{scale}_j`
-    (exactly :math:`\\text{scale}_j \\sqrt{\\sigma^2_B/(\\sigma^2_B + \\epsilon)}`). With
-    ``per_example=True`` the draws are made independently for every element of ``x``
-    (every example and position) instead of once per feature.
-
-    No noise (the output is exactly the inner BN's) when ``deterministic`` is True (set by
-    ``model.eval()``) or ``noise`` is False. Randomness comes from the ``rng_collection``
-    stream of the ``rngs`` given at construction (``"noise"``, falling back to
-    ``"default"``), advanced at each noisy call.
-
-    Args:
-        num_features: ``F``.
-        noise_shift: :math:`n_m \\ge 0`.
-        noise_scale: :math:`n_s \\ge 1`.
-        per_example: draw noise per element instead of per feature.
-        momentum, epsilon: of the inner :class:`BatchNorm`.
-        rngs: ``nnx.Rngs``.
-        dtype: dtype of computation and parameters.
-        rng_collection: name of the RNG stream for the noise.
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        noise_shift: float = 0.5,
-        noise_scale: float = 2.0,
-        per_example: bool = False,
-        momentum: float = 0.9,
-        epsilon: float = 1e-5,
-        rngs: nnx.Rngs,
-        dtype=jnp.float32,
-        rng_collection: str = "noise",
-    ):
-        if noise_shift < 0:
-            raise ValueError(f"noise_shift must be >= 0, got {noise_shift}.")
-        if noise_scale < 1:
-            raise ValueError(f"noise_scale must be >= 1, got {noise_scale}.")
-        self.bn = BatchNorm(
-            num_features, momentum=momentum, epsilon=epsilon, rngs=rngs, dtype=dtype
-        )
-        self.noise_shift = float(noise_shift)
-        self.noise_scale = float(noise_scale)
-        self.per_example = bool(per_example)
-        self.noise = True
-        self.deterministic = False
-        self.rngs = rngs[rng_collection].fork()
-
-    def __call__(self, x):
-        y = self.bn(x)
-        if self.deterministic or not self.noise:
-            return y
-        shape = y.shape if self.per_example else y.shape[-1:]
-        k_shift, k_scale = jax.random.split(self.rngs())
-        shift = jax.random.uniform(
-            k_shift, shape, y.dtype, minval=-self.noise_shift, maxval=self.noise_shift
-        )
-        scale = jax.random.uniform(k_scale, shape, y.dtype, minval=1.0, maxval=self.noise_scale)
-        return y * scale + shift
-
-
-class Identity(nnx.Module):
-    """The identity map (the "norm" of a model without BatchNorm)."""
-
-    def __call__(self, x):
-        return x
-
-
-def _norm(num_features: int, batchnorm: bool, noisy: bool, rngs, dtype, bn_kwargs, noise_kwargs):
-    if noisy:
-        return NoisyBatchNorm(num_features, rngs=rngs, dtype=dtype, **bn_kwargs, **noise_kwargs)
-    if batchnorm:
-        return BatchNorm(num_features, rngs=rngs, dtype=dtype, **bn_kwargs)
-    return Identity()
-
-
-def _check_norm_flags(model: str, batchnorm: bool, noisy_batchnorm: bool) -> None:
-    if noisy_batchnorm and not batchnorm:
-        raise ValueError(
-            f"{model}: noisy_batchnorm=True needs batchnorm=True (the noise follows a BN layer)."
-        )
 
 
 def _check_classes(model: str, num_classes: int) -> int:
@@ -339,8 +118,9 @@ class MLP(nnx.Module):
             ``"identity"``.
         rngs: ``nnx.Rngs`` for initialization (and the ``"noise"`` stream).
         dtype: parameter and computation dtype.
-        bn_momentum, bn_epsilon: BN running-average momentum and epsilon.
-        noise_shift, noise_scale, noise_per_example: see :class:`NoisyBatchNorm`.
+        **norm_options: ``bn_momentum``, ``bn_epsilon`` (BN running-average momentum and
+            epsilon), ``noise_shift``, ``noise_scale``, ``noise_per_example`` (see
+            :class:`NoisyBatchNorm`).
     """
 
     def __init__(
@@ -354,54 +134,27 @@ class MLP(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
-        bn_momentum: float = 0.9,
-        bn_epsilon: float = 1e-5,
-        noise_shift: float = 0.5,
-        noise_scale: float = 2.0,
-        noise_per_example: bool = False,
+        **norm_options,
     ):
-        _check_norm_flags("MLP", batchnorm, noisy_batchnorm)
-        _activation(activation)
+        norm = NormSpec.of("MLP", batchnorm, noisy_batchnorm, **norm_options)
+        activation_fn(activation)
         self.in_features = int(in_features)
         self.num_classes = _check_classes("MLP", num_classes)
         self.activation = activation
-        bn_kw = {"momentum": bn_momentum, "epsilon": bn_epsilon}
-        noise_kw = {
-            "noise_shift": noise_shift,
-            "noise_scale": noise_scale,
-            "per_example": noise_per_example,
-        }
         widths = [self.in_features, *[int(h) for h in hidden]]
-        init = _kernel_init(activation)
+        init = kernel_init(activation)
         self.linears = nnx.List(
             [
-                nnx.Linear(
-                    a,
-                    b,
-                    use_bias=not batchnorm,
-                    kernel_init=init,
-                    dtype=dtype,
-                    param_dtype=dtype,
-                    rngs=rngs,
-                )
+                dense(a, b, bias=not batchnorm, init=init, rngs=rngs, dtype=dtype)
                 for a, b in zip(widths[:-1], widths[1:], strict=True)
             ]
         )
-        self.norms = nnx.List(
-            [_norm(b, batchnorm, noisy_batchnorm, rngs, dtype, bn_kw, noise_kw) for b in widths[1:]]
-        )
-        self.head = nnx.Linear(
-            widths[-1],
-            self.num_classes,
-            kernel_init=fan_in_normal(1.0),
-            dtype=dtype,
-            param_dtype=dtype,
-            rngs=rngs,
-        )
+        self.norms = nnx.List([norm.layer(b, rngs=rngs, dtype=dtype) for b in widths[1:]])
+        self.head = dense(widths[-1], self.num_classes, rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
         """Logits ``(N, K)`` for inputs ``(N, D)`` (or ``(N, ...)`` with ``D`` values each)."""
-        act = _activation(self.activation)
+        act = activation_fn(self.activation)
         h = _as_vectors(x, self.in_features, "MLP")
         for linear, norm in zip(self.linears, self.norms, strict=True):
             h = act(norm(linear(h)))
@@ -424,8 +177,7 @@ class CNN(nnx.Module):
         noisy_batchnorm: use :class:`NoisyBatchNorm` (needs ``batchnorm=True``).
         rngs: ``nnx.Rngs``.
         dtype: parameter and computation dtype.
-        bn_momentum, bn_epsilon, noise_shift, noise_scale, noise_per_example: as in
-            :class:`MLP`.
+        **norm_options: as in :class:`MLP`.
     """
 
     def __init__(
@@ -438,39 +190,17 @@ class CNN(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
-        bn_momentum: float = 0.9,
-        bn_epsilon: float = 1e-5,
-        noise_shift: float = 0.5,
-        noise_scale: float = 2.0,
-        noise_per_example: bool = False,
+        **norm_options,
     ):
-        _check_norm_flags("CNN", batchnorm, noisy_batchnorm)
+        norm = NormSpec.of("CNN", batchnorm, noisy_batchnorm, **norm_options)
         self.in_shape = _check_in_shape("CNN", in_shape)
         self.num_classes = _check_classes("CNN", num_classes)
-        bn_kw = {"momentum": bn_momentum, "epsilon": bn_epsilon}
-        noise_kw = {
-            "noise_shift": noise_shift,
-            "noise_scale": noise_scale,
-            "per_example": noise_per_example,
-        }
         h, w, c = self.in_shape
         convs, norms, pools = [], [], []
         for out in channels:
             out = int(out)
-            convs.append(
-                nnx.Conv(
-                    c,
-                    out,
-                    kernel_size=(3, 3),
-                    padding="SAME",
-                    use_bias=not batchnorm,
-                    kernel_init=fan_in_normal(2.0),
-                    dtype=dtype,
-                    param_dtype=dtype,
-                    rngs=rngs,
-                )
-            )
-            norms.append(_norm(out, batchnorm, noisy_batchnorm, rngs, dtype, bn_kw, noise_kw))
+            convs.append(conv(c, out, bias=not batchnorm, rngs=rngs, dtype=dtype))
+            norms.append(norm.layer(out, rngs=rngs, dtype=dtype))
             pool = h >= 2 and w >= 2
             pools.append(pool)
             if pool:
@@ -479,20 +209,13 @@ class CNN(nnx.Module):
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)
         self.pools = tuple(pools)
-        self.head = nnx.Linear(
-            h * w * c,
-            self.num_classes,
-            kernel_init=fan_in_normal(1.0),
-            dtype=dtype,
-            param_dtype=dtype,
-            rngs=rngs,
-        )
+        self.head = dense(h * w * c, self.num_classes, rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
         """Logits ``(N, K)`` for images ``(N, H, W, C)`` or vectors ``(N, H*W*C)``."""
         h = _as_images(x, self.in_shape, "CNN")
-        for conv, norm, pool in zip(self.convs, self.norms, self.pools, strict=True):
-            h = jax.nn.relu(norm(conv(h)))
+        for conv_layer, norm, pool in zip(self.convs, self.norms, self.pools, strict=True):
+            h = jax.nn.relu(norm(conv_layer(h)))
             if pool:
                 h = nnx.avg_pool(h, window_shape=(2, 2), strides=(2, 2), padding="VALID")
         return self.head(h.reshape(h.shape[0], -1))
@@ -502,31 +225,28 @@ class BasicBlock(nnx.Module):
     """Post-activation residual block (He et al. 2016):
     :math:`\\mathrm{relu}(\\mathrm{norm}_2(\\mathrm{conv}_2(\\mathrm{relu}(\\mathrm{norm}_1
     (\\mathrm{conv}_1 x)))) + s(x))`, with :math:`s` the identity, or a 1x1 convolution and
-    norm when the stride or the width changes."""
+    norm when the stride or the width changes.
 
-    def __init__(self, c_in, c_out, stride, batchnorm, noisy, *, rngs, dtype, bn_kw, noise_kw):
-        def conv(a, b, k, s):
-            return nnx.Conv(
-                a,
-                b,
-                kernel_size=(k, k),
-                strides=(s, s),
-                padding="SAME",
-                use_bias=not batchnorm,
-                kernel_init=fan_in_normal(2.0),
-                dtype=dtype,
-                param_dtype=dtype,
-                rngs=rngs,
-            )
+    Args:
+        c_in, c_out: input and output channels.
+        stride: stride of the first convolution (and of the projection).
+        norm: the norm after every convolution (:class:`NormSpec`).
+        rngs: ``nnx.Rngs``.
+        dtype: parameter and computation dtype.
+    """
 
-        self.conv1 = conv(c_in, c_out, 3, stride)
-        self.norm1 = _norm(c_out, batchnorm, noisy, rngs, dtype, bn_kw, noise_kw)
-        self.conv2 = conv(c_out, c_out, 3, 1)
-        self.norm2 = _norm(c_out, batchnorm, noisy, rngs, dtype, bn_kw, noise_kw)
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: NormSpec, *, rngs, dtype):
+        bias = not norm.batchnorm
+        self.conv1 = conv(c_in, c_out, stride=stride, bias=bias, rngs=rngs, dtype=dtype)
+        self.norm1 = norm.layer(c_out, rngs=rngs, dtype=dtype)
+        self.conv2 = conv(c_out, c_out, bias=bias, rngs=rngs, dtype=dtype)
+        self.norm2 = norm.layer(c_out, rngs=rngs, dtype=dtype)
         self.project = stride != 1 or c_in != c_out
         if self.project:
-            self.shortcut_conv = conv(c_in, c_out, 1, stride)
-            self.shortcut_norm = _norm(c_out, batchnorm, noisy, rngs, dtype, bn_kw, noise_kw)
+            self.shortcut_conv = conv(
+                c_in, c_out, kernel=1, stride=stride, bias=bias, rngs=rngs, dtype=dtype
+            )
+            self.shortcut_norm = norm.layer(c_out, rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
         h = jax.nn.relu(self.norm1(self.conv1(x)))
@@ -553,8 +273,7 @@ class ResNet(nnx.Module):
         noisy_batchnorm: use :class:`NoisyBatchNorm` (needs ``batchnorm=True``).
         rngs: ``nnx.Rngs``.
         dtype: parameter and computation dtype.
-        bn_momentum, bn_epsilon, noise_shift, noise_scale, noise_per_example: as in
-            :class:`MLP`.
+        **norm_options: as in :class:`MLP`.
     """
 
     def __init__(
@@ -568,37 +287,17 @@ class ResNet(nnx.Module):
         *,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
-        bn_momentum: float = 0.9,
-        bn_epsilon: float = 1e-5,
-        noise_shift: float = 0.5,
-        noise_scale: float = 2.0,
-        noise_per_example: bool = False,
+        **norm_options,
     ):
-        _check_norm_flags("ResNet", batchnorm, noisy_batchnorm)
+        norm = NormSpec.of("ResNet", batchnorm, noisy_batchnorm, **norm_options)
         self.in_shape = _check_in_shape("ResNet", in_shape)
         self.num_classes = _check_classes("ResNet", num_classes)
         if not widths or blocks_per_stage < 1:
             raise ValueError("ResNet needs at least one width and blocks_per_stage >= 1.")
-        bn_kw = {"momentum": bn_momentum, "epsilon": bn_epsilon}
-        noise_kw = {
-            "noise_shift": noise_shift,
-            "noise_scale": noise_scale,
-            "per_example": noise_per_example,
-        }
         h, w, c = self.in_shape
         widths = [int(v) for v in widths]
-        self.stem = nnx.Conv(
-            c,
-            widths[0],
-            kernel_size=(3, 3),
-            padding="SAME",
-            use_bias=not batchnorm,
-            kernel_init=fan_in_normal(2.0),
-            dtype=dtype,
-            param_dtype=dtype,
-            rngs=rngs,
-        )
-        self.stem_norm = _norm(widths[0], batchnorm, noisy_batchnorm, rngs, dtype, bn_kw, noise_kw)
+        self.stem = conv(c, widths[0], bias=not batchnorm, rngs=rngs, dtype=dtype)
+        self.stem_norm = norm.layer(widths[0], rngs=rngs, dtype=dtype)
         blocks = []
         c = widths[0]
         for i, width in enumerate(widths):
@@ -606,29 +305,10 @@ class ResNet(nnx.Module):
                 stride = 2 if (i > 0 and b == 0 and h >= 2 and w >= 2) else 1
                 if stride == 2:
                     h, w = (h + 1) // 2, (w + 1) // 2
-                blocks.append(
-                    BasicBlock(
-                        c,
-                        width,
-                        stride,
-                        batchnorm,
-                        noisy_batchnorm,
-                        rngs=rngs,
-                        dtype=dtype,
-                        bn_kw=bn_kw,
-                        noise_kw=noise_kw,
-                    )
-                )
+                blocks.append(BasicBlock(c, width, stride, norm, rngs=rngs, dtype=dtype))
                 c = width
         self.blocks = nnx.List(blocks)
-        self.head = nnx.Linear(
-            c,
-            self.num_classes,
-            kernel_init=fan_in_normal(1.0),
-            dtype=dtype,
-            param_dtype=dtype,
-            rngs=rngs,
-        )
+        self.head = dense(c, self.num_classes, rngs=rngs, dtype=dtype)
 
     def __call__(self, x):
         """Logits ``(N, K)`` for images ``(N, H, W, C)`` or vectors ``(N, H*W*C)``."""
@@ -665,14 +345,8 @@ class LinearModel(nnx.Module):
     ):
         self.in_features = int(in_features)
         self.num_classes = _check_classes("LinearModel", out_features)
-        self.linear = nnx.Linear(
-            self.in_features,
-            self.num_classes,
-            use_bias=use_bias,
-            kernel_init=fan_in_normal(1.0),
-            dtype=dtype,
-            param_dtype=dtype,
-            rngs=rngs,
+        self.linear = dense(
+            self.in_features, self.num_classes, bias=use_bias, rngs=rngs, dtype=dtype
         )
 
     def __call__(self, x):
@@ -771,3 +445,10 @@ def count_params(model_or_params) -> int:
 def batchnorm_layers(model: nnx.Module) -> list[tuple[tuple, nnx.BatchNorm]]:
     """``(path, layer)`` for every ``nnx.BatchNorm`` in ``model`` (graph order)."""
     return [(tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+
+
+def private_copy(model: nnx.Module) -> nnx.Module:
+    """A copy of ``model`` that shares no array with it, every leaf a jax array (numpy
+    leaves would be shared by ``nnx.clone`` and written in place by BatchNorm updates)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(jnp.array, state))

@@ -50,18 +50,17 @@ Getting a model back (e.g. after training the params)::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
-from hessspec.nn.models import BatchNorm, batchnorm_layers, record_input_stats
+from hessspec.nn.batchnorm_stats import population_statistics
+from hessspec.nn.models import batchnorm_layers, private_copy
 
 __all__ = [
     "BN_MODES",
@@ -178,181 +177,6 @@ def _check_batch(batch) -> None:
             f"got {type(batch).__name__}"
             + (f" with keys {list(batch)}" if isinstance(batch, Mapping) else "")
         )
-
-
-def _inputs_of(data) -> Any:
-    """Inputs ``x`` of a Dataset, a ``{"x": ...}`` mapping, or an array."""
-    if hasattr(data, "x") and hasattr(data, "y"):
-        return data.x
-    if isinstance(data, Mapping):
-        if "x" not in data:
-            raise TypeError(f"population data mapping needs an 'x' entry, got keys {list(data)}.")
-        return data["x"]
-    return data
-
-
-# --------------------------------------------------------------------------------------
-# Population statistics
-# --------------------------------------------------------------------------------------
-
-_RECORDING_CLASSES: dict[type, type] = {}
-
-
-def _recording_class(cls: type) -> type:
-    """A subclass of a foreign ``nnx.BatchNorm`` class that records its input statistics."""
-    if cls not in _RECORDING_CLASSES:
-
-        def __call__(self, x, *args, mask=None, **kwargs):
-            if getattr(self, "record_input_stats", False):
-                record_input_stats(self, x, mask)
-            return cls.__call__(self, x, *args, mask=mask, **kwargs)
-
-        _RECORDING_CLASSES[cls] = type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
-    return _RECORDING_CLASSES[cls]
-
-
-def _private_copy(model: nnx.Module) -> nnx.Module:
-    """A copy of ``model`` that shares no array with it, every leaf a jax array (numpy
-    leaves would be shared by ``nnx.clone`` and written in place by BatchNorm updates)."""
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(jnp.array, state))
-
-
-def _get_path(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _recorded_input_stats(graphdef, paths, params, stats, rest, xb):
-    """One forward pass with frozen statistics; per BN path, the sown ``(mean, var)`` of
-    its input over the batch ``xb`` (None for a layer the pass does not call)."""
-    model = nnx.merge(graphdef, params, stats, rest)
-    _, captured = nnx.capture(model, nnx.Intermediate)(xb)
-    flat = dict(nnx.to_flat_state(captured))
-    out = []
-    for p in paths:
-        var = flat.get((*p, "input_stats"))
-        calls = () if var is None else var.get_value()
-        if len(calls) > 1:
-            raise ValueError(
-                f"BatchNorm layer {'/'.join(map(str, p))} is called {len(calls)} times per "
-                "forward pass: its population statistics are ambiguous."
-            )
-        out.append(calls[0] if calls else None)
-    return out
-
-
-def population_statistics(model: nnx.Module, x, batch_size: int | None = None) -> nnx.State:
-    """Exact BatchNorm statistics over a whole dataset, layer after layer.
-
-    For BN layer :math:`l` with input :math:`a_l(x)` of shape ``(..., F)`` the population
-    statistics are the mean and biased variance over all ``N`` examples (and positions):
-
-    .. math:: \\mu_l = \\mathbb E_{x}[a_l(x)], \\qquad
-        \\sigma_l^2 = \\mathbb E_{x}[(a_l(x) - \\mu_l)^2],
-
-    where :math:`a_l` is computed with every earlier BN layer already normalising with its
-    own population statistics (then frozen). Each pass over the data runs the model with
-    the current statistics frozen and records, per batch ``b`` of ``n_b`` examples, the
-    exact two-pass mean :math:`m_b` and variance :math:`v_b` of every BN input; batches
-    are combined exactly (law of total variance, no momentum):
-    :math:`\\mu = \\sum_b n_b m_b / N`,
-    :math:`\\sigma^2 = \\sum_b n_b (v_b + (m_b - \\mu)^2) / N`. After pass ``t`` the layers
-    at depth ``<= t`` are exact, so at most ``L`` passes are run for ``L`` BN layers, fewer
-    when a pass reproduces the previous one bit for bit (a fixed point). The result does
-    not depend on ``batch_size`` beyond rounding.
-
-    Args:
-        model: an nnx model with ``nnx.BatchNorm`` layers (not mutated). Each BN layer
-            must be called once per forward pass and normalise over all axes but the
-            feature axes.
-        x: inputs ``(N, ...)``: an array, a :class:`hessspec.nn.data.Dataset`, or a mapping
-            with ``"x"``.
-        batch_size: examples per forward pass; None: all ``N`` at once.
-
-    Returns:
-        ``nnx.State`` of the model's ``nnx.BatchStat`` variables (same structure as
-        ``nnx.state(model, nnx.BatchStat)``) holding the population means and variances,
-        in the BN parameter dtype (at least float32). Apply with ``nnx.update(model,
-        stats)``; ``nnx.to_pure_dict(stats)`` gives a plain dict.
-
-    Raises:
-        ValueError: the model has no BatchNorm, ``x`` is empty, a BN layer is called more
-            than once per forward pass.
-    """
-    x = _inputs_of(x)
-    n = int(np.shape(x)[0])
-    if n < 1:
-        raise ValueError("population_statistics needs at least one example.")
-    if batch_size is None:
-        batch_size = n
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    batch_size = int(batch_size)
-
-    work = _private_copy(model)
-    layers = batchnorm_layers(work)
-    if not layers:
-        raise ValueError("population_statistics: the model has no BatchNorm layer.")
-    for _, bn in layers:
-        if not isinstance(bn, BatchNorm):
-            bn.__class__ = _recording_class(type(bn))
-        bn.record_input_stats = True
-    work.set_attributes(use_running_average=True, deterministic=True, raise_if_not_found=False)
-    graphdef, params, stats_state, rest = nnx.split(work, nnx.Param, nnx.BatchStat, ...)
-    params = jax.tree.map(jnp.asarray, nnx.to_pure_dict(params))
-    rest = jax.tree.map(jnp.asarray, nnx.to_pure_dict(rest))
-    stats = jax.tree.map(jnp.asarray, nnx.to_pure_dict(stats_state))
-    paths = tuple(p for p, _ in layers)
-    out_dtypes = {
-        p: jnp.promote_types(_get_path(stats, p)["mean"].dtype, bn.param_dtype) for p, bn in layers
-    }
-    for p in paths:  # compute with statistics in the output dtype
-        entry = _get_path(stats, p)
-        entry["mean"] = jnp.asarray(entry["mean"], out_dtypes[p])
-        entry["var"] = jnp.asarray(entry["var"], out_dtypes[p])
-
-    previous = None
-    for _ in range(len(paths)):
-        sums = [None] * len(paths)
-        for start in range(0, n, batch_size):
-            xb = jnp.asarray(x[start : start + batch_size])
-            nb = xb.shape[0]
-            recorded = _recorded_input_stats(graphdef, paths, params, stats, rest, xb)
-            for i, rec in enumerate(recorded):
-                if rec is None:
-                    continue
-                m_b = np.asarray(rec[0], np.float64)
-                v_b = np.asarray(rec[1], np.float64)
-                if sums[i] is None:
-                    sums[i] = []
-                sums[i].append((nb, m_b, v_b))
-        current = []
-        for p, parts in zip(paths, sums, strict=True):
-            entry = _get_path(stats, p)
-            if parts is None:  # layer unused by the forward pass: keep its statistics
-                current.append((np.asarray(entry["mean"]), np.asarray(entry["var"])))
-                continue
-            counts = np.array([c for c, _, _ in parts], np.float64)[:, None]
-            means = np.stack([m for _, m, _ in parts])
-            vars_ = np.stack([v for _, _, v in parts])
-            mu = (counts * means).sum(0) / n
-            var = (counts * (vars_ + np.square(means - mu))).sum(0) / n
-            entry["mean"] = jnp.asarray(mu, out_dtypes[p])
-            entry["var"] = jnp.asarray(var, out_dtypes[p])
-            current.append((np.asarray(entry["mean"]), np.asarray(entry["var"])))
-        if previous is not None and all(
-            np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-            for a, b in zip(current, previous, strict=True)
-        ):
-            break
-        previous = current
-
-    result = nnx.state(work, nnx.BatchStat)  # the copy's variables: the model is untouched
-    nnx.replace_by_pure_dict(result, stats)
-    return result
 
 
 # --------------------------------------------------------------------------------------
@@ -615,47 +439,10 @@ def make_objective(
             ``"population"``; both ``train_flag`` and ``eval_flag``.
     """
     _refuse_non_nnx(model)
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}.")
-    if bn_mode is not None and bn_mode not in BN_MODES:
-        raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {BN_MODES} (or None).")
     flag_name, flag_means_training = _call_flag(model, train_flag, eval_flag)
-    has_bn = bool(batchnorm_layers(model))
-    if has_bn and bn_mode is None:
-        raise ValueError(
-            "the model has BatchNorm layers: choose bn_mode explicitly: 'train' (batch "
-            "statistics of each batch), 'eval' (stored running averages) or 'population' "
-            "(statistics recomputed over population_data)."
-        )
-    if not has_bn and bn_mode is not None:
-        raise ValueError(
-            f"bn_mode={bn_mode!r} was given, but the model has no BatchNorm layer: pass "
-            "bn_mode=None."
-        )
-    if bn_mode == "population" and population_data is None:
-        raise ValueError("bn_mode='population' needs population_data (e.g. the training set).")
-    if bn_mode != "population" and (
-        population_data is not None or population_batch_size is not None
-    ):
-        raise ValueError(
-            "population_data/population_batch_size are only used with bn_mode='population', "
-            f"got bn_mode={bn_mode!r}."
-        )
-    training = bn_mode == "train"
-    flag_value = None if flag_name is None else (training == flag_means_training)
-
-    work = _private_copy(model)
-    work.set_attributes(deterministic=True, raise_if_not_found=False)
-    for _, layer in nnx.iter_graph(work):
-        if isinstance(layer, nnx.Dropout):  # off even where the flag would switch it on
-            layer.rate = 0.0
-    if has_bn:
-        work.set_attributes(
-            use_running_average=not training,
-            use_fast_variance=False,
-            record_input_stats=False,
-            raise_if_not_found=False,
-        )
+    has_bn = _check_mode(model, loss, bn_mode, population_data, population_batch_size)
+    flag_value = None if flag_name is None else ((bn_mode == "train") == flag_means_training)
+    work = _deterministic_copy(model, bn_mode if has_bn else None)
     if bn_mode == "population":
         # population_statistics calls model(x): through a wrapper that passes the flag
         target = work if flag_name is None else _CalledWithFlag(work, flag_name, flag_value)
@@ -685,6 +472,56 @@ def make_objective(
         rest=rest,
         loss=loss,
     )
+
+
+def _check_mode(model, loss, bn_mode, population_data, population_batch_size) -> bool:
+    """Whether ``model`` has BatchNorm layers, after checking that the loss, the BN mode
+    and the population arguments fit it (the errors of :func:`make_objective`)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}.")
+    if bn_mode is not None and bn_mode not in BN_MODES:
+        raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {BN_MODES} (or None).")
+    has_bn = bool(batchnorm_layers(model))
+    if has_bn and bn_mode is None:
+        raise ValueError(
+            "the model has BatchNorm layers: choose bn_mode explicitly: 'train' (batch "
+            "statistics of each batch), 'eval' (stored running averages) or 'population' "
+            "(statistics recomputed over population_data)."
+        )
+    if not has_bn and bn_mode is not None:
+        raise ValueError(
+            f"bn_mode={bn_mode!r} was given, but the model has no BatchNorm layer: pass "
+            "bn_mode=None."
+        )
+    if bn_mode == "population" and population_data is None:
+        raise ValueError("bn_mode='population' needs population_data (e.g. the training set).")
+    if bn_mode != "population" and (
+        population_data is not None or population_batch_size is not None
+    ):
+        raise ValueError(
+            "population_data/population_batch_size are only used with bn_mode='population', "
+            f"got bn_mode={bn_mode!r}."
+        )
+    return has_bn
+
+
+def _deterministic_copy(model: nnx.Module, bn_mode: str | None) -> nnx.Module:
+    """A private copy of ``model`` with noise and dropout off and, for a BN mode, BatchNorm
+    set to it: batch statistics in ``"train"`` mode, frozen statistics otherwise; exact
+    two-pass variance; input recording off."""
+    work = private_copy(model)
+    work.set_attributes(deterministic=True, raise_if_not_found=False)
+    for _, layer in nnx.iter_graph(work):
+        if isinstance(layer, nnx.Dropout):  # off even where the flag would switch it on
+            layer.rate = 0.0
+    if bn_mode is not None:
+        work.set_attributes(
+            use_running_average=bn_mode != "train",
+            use_fast_variance=False,
+            record_input_stats=False,
+            raise_if_not_found=False,
+        )
+    return work
 
 
 def with_params(model: nnx.Module, params) -> nnx.Module:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hessspec.nn.objective import BN_MODES
 from hessspec.nn.train import TrainConfig
 from hessspec.studies.common.config import (
     MAX_SEED,
@@ -69,7 +70,6 @@ __all__ = [
 EXPERIMENT = "batchnorm_spectrum"
 DATASETS = ("digits", "mnist", "cifar10")
 MODELS = ("mlp", "cnn", "resnet", "linear")
-BN_MODES = ("train", "eval", "population")
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse")
 PREPROCESSING = ("unit", "center", "standardize", "raw")

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from hessspec.nn.objective import BN_MODES as _BN_MODES
 from hessspec.studies.common.config import (
     ConfigError,
     config_from_mapping,
@@ -202,7 +203,6 @@ class LinearSettings:
 
 
 _PREPROCESSING_RAW = ("unit", "raw")
-_BN_MODES = ("train", "eval", "population")
 
 
 @dataclasses.dataclass(frozen=True)
