@@ -22,9 +22,8 @@ Modules, from the bottom up:
   :class:`TrainConfig`;
 - :mod:`~hessspec.nn.progress`: progress bars and log lines.
 
-``from hessspec.nn import train`` is the function: the attribute ``hessspec.nn.train``
-names it, not the module, so reach the module's other names with
-``from hessspec.nn.train import ...`` (or ``importlib.import_module("hessspec.nn.train")``).
+``hessspec.nn.train`` is the module (import the function as
+``from hessspec.nn.train import train``); every other name above is exported here.
 """
 
 from hessspec.nn.batchnorm_stats import population_statistics
@@ -48,7 +47,6 @@ from hessspec.nn.train import (
     TrainHistory,
     make_optimizer,
     stability_threshold,
-    train,
 )
 
 __all__ = [
@@ -83,6 +81,5 @@ __all__ = [
     "stability_threshold",
     "subsample",
     "synthetic_gaussian",
-    "train",
     "with_params",
 ]
