@@ -91,8 +91,8 @@ _LAZY = {
         "synthetic_gaussian",
     ),
     "hessspec.studies.common.checkpoint": ("Checkpoint", "load_checkpoint"),
-    "hessspec.studies.input_bias.study": ("InputBiasConfig", "run_input_bias_study"),
-    "hessspec.studies.santurkar.study": ("SanturkarConfig", "run_santurkar_study"),
+    "hessspec.studies.input_bias": ("InputBiasConfig", "run_input_bias_study"),
+    "hessspec.studies.santurkar": ("SanturkarConfig", "run_santurkar_study"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 

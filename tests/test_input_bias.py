@@ -1,5 +1,6 @@
 """The input-bias study (LeCun, Kanter & Solla): config validation, gradient descent
-counting, compiled-program reuse, and one tiny end-to-end run."""
+counting, the run folder, one tiny end-to-end run, and the science: the measured spectrum
+against the input correlation matrix and LeCun's outlier N m^2 + v computed here."""
 
 import json
 import math
@@ -13,8 +14,11 @@ import pytest
 
 import hessspec as hs
 from hessspec.analysis.theory import gd_steps_to_tolerance
-from hessspec.studies.batchnorm_spectrum.config import ConfigError
-from hessspec.studies.input_bias import study as ib
+from hessspec.nn.data import synthetic_gaussian
+from hessspec.studies import input_bias as ib
+from hessspec.studies.common.config import ConfigError
+from hessspec.studies.common.formatting import fmt, pct
+from hessspec.studies.common.output import StudyOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,16 +137,59 @@ def test_gradient_descent_count_matches_the_worst_case_bound_exactly():
 
 def test_study_output_never_clobbers(tmp_path):
     (tmp_path / "report.md").write_text("someone else's")
-    out = ib.StudyOutput(tmp_path)
+    out = StudyOutput(tmp_path)
     with pytest.raises(FileExistsError, match="report.md"):
         out.claim(["results.json", "report.md"])
     with pytest.raises(FileExistsError):
         out.write_text("report.md", "mine")
     assert (tmp_path / "report.md").read_text() == "someone else's"
     out.write_json("results.json", {"a": float("nan"), "b": np.arange(2)})
+    assert json.loads((tmp_path / "results.json").read_text()) == {"a": None, "b": [0, 1]}
     out.write_json("results.json", {"a": 1.0})  # a file of this run may be rewritten
     assert json.loads((tmp_path / "results.json").read_text()) == {"a": 1.0}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md", "results.json"]
+
+
+def _write_run(folder, text: str, names=("results.json", "report.md", "figures/a.png")):
+    """A run of a fake study through StudyOutput, results.json last (as the studies do)."""
+    out = StudyOutput(folder, overwrite=True)
+    out.claim(names)
+    for name in names[1:]:
+        out.write_text(name, text)
+    out.write_json("results.json", {"files": list(names), "text": text})
+    out.commit()
+
+
+def test_study_output_replaces_a_previous_run_whole(tmp_path):
+    """--overwrite: the new run is written beside the previous one and swapped in when
+    complete; the previous run's files it does not write again go, a user's file stays."""
+    _write_run(tmp_path, "old", ("results.json", "report.md", "figures/a.png", "figures/b.png"))
+    (tmp_path / "notes.txt").write_text("mine")
+    _write_run(tmp_path, "new")
+    assert (tmp_path / "report.md").read_text() == "new"
+    assert (tmp_path / "figures" / "a.png").read_text() == "new"
+    assert not (tmp_path / "figures" / "b.png").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "results.json").read_text())["text"] == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "figures",
+        "notes.txt",
+        "report.md",
+        "results.json",
+    ]
+
+
+def test_an_interrupted_replacement_leaves_the_previous_run(tmp_path):
+    _write_run(tmp_path, "old")
+    out = StudyOutput(tmp_path, overwrite=True)
+    out.claim(["results.json", "report.md", "figures/a.png"])
+    out.write_text("report.md", "new")  # the run is interrupted here, before results.json
+    assert (tmp_path / "report.md").read_text() == "old"
+    assert json.loads((tmp_path / "results.json").read_text())["text"] == "old"
+    _write_run(tmp_path, "newer")  # the next run drops the unfinished one
+    assert (tmp_path / "report.md").read_text() == "newer"
+    assert not (tmp_path / ".hessspec-pending").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 # ------------------------------------------------------------------ end to end
@@ -179,38 +226,91 @@ def test_end_to_end_outputs(tiny_run):
     assert not [p for p in out.rglob("*.tmp")]
 
 
-def test_end_to_end_linear_numbers(tiny_run):
+def _correlation_eigenvalues(linear: dict, mean: float) -> np.ndarray:
+    """Ascending eigenvalues of R = X^T X / p of the study's inputs, made again here from
+    the seeded generator and diagonalised densely (the study itself measures them by
+    Lanczos on Hessian-vector products)."""
+    n, p = linear["num_inputs"], linear["num_samples"]
+    data = synthetic_gaussian(
+        p, n, mean=mean, variance=linear["variance"], seed=0, dtype=np.float64
+    )
+    return np.linalg.eigvalsh(data.x.T @ data.x / p)
+
+
+def _outlier_tolerance(n: int, p: int, m: float, v: float) -> float:
+    """How far the sample outlier may lie from N m^2 + v with p samples: along u = 1/sqrt(N)
+    the mean of (u^T x)^2 over p samples has standard deviation sqrt((4 N m^2 v + 2 v^2) / p),
+    and the bulk pushes the top eigenvalue up by about (N/p) v (1 + v / (N m^2))
+    (Baik-Ben Arous-Peche); four standard deviations plus that shift."""
+    spread = math.sqrt((4 * n * m**2 * v + 2 * v**2) / p)
+    return 4 * spread + (n / p) * v * (1 + v / (n * m**2))
+
+
+def _assert_outlier_is_lecuns(results: dict) -> None:
+    lin = results["linear"]
+    n, p, v, m = (lin[k] for k in ("num_inputs", "num_samples", "variance", "biased_mean"))
+    lecun = n * m**2 + v
+    measured = lin["variants"]["biased"]["lambda_max"]
+    assert abs(measured - lecun) <= _outlier_tolerance(n, p, m, v), (measured, lecun)
+
+
+def test_end_to_end_linear_numbers_against_the_correlation_matrix(tiny_run):
     _, results = tiny_run
     lin = results["linear"]
-    b, c = lin["variants"]["biased"], lin["variants"]["centered"]
-    n = 40
-    assert b["prediction"]["outlier"] == pytest.approx(n * 1.0 + 1.0)
-    assert len(lin["agreements"]) == 5
-    for a in lin["agreements"]:
-        assert a["relative_error"] == pytest.approx(
-            abs(a["measured"] - a["predicted"]) / a["predicted"]
-        )
-        assert a["within_tolerance"] == (a["relative_error"] <= 0.05)
-    # Lanczos on the operator agrees with the dense spectrum of the same operator.
-    for v in (b, c):
-        assert v["dense"]["max_abs_diff_lanczos"] < 1e-6 * v["lambda_max"]
-    # The outlier is there with a mean and gone without, relative errors are small.
-    assert b["lambda_max"] > 10 * c["lambda_max"]
-    assert abs(b["lambda_max"] / (n + 1.0) - 1) < 0.1
+    n, p, v, m = 40, 400, 1.0, 1.0  # TINY's N and p; v and m at their defaults
+    keys = ("num_inputs", "num_samples", "variance", "biased_mean")
+    assert [lin[k] for k in keys] == [n, p, v, m]
+    exact = {
+        "biased": _correlation_eigenvalues(lin, m),
+        "centered": _correlation_eigenvalues(lin, 0),
+    }
+    for name, eig in exact.items():
+        var = lin["variants"][name]
+        measured = [var["lambda_max"], var["lambda_2"], var["lambda_min"]]
+        np.testing.assert_allclose(measured, [eig[-1], eig[-2], eig[0]], rtol=1e-6)
+        assert var["dense"]["max_abs_diff_lanczos"] < 1e-6 * var["lambda_max"]
+    # theory, computed here from N, p, m, v
+    edges = {
+        "upper_edge": v * (1 + math.sqrt(n / p)) ** 2,
+        "lower_edge": v * (1 - math.sqrt(n / p)) ** 2,
+    }
+    theory = {("biased", "outlier"): n * m**2 + v}
+    theory.update({(name, e): x for name in exact for e, x in edges.items()})
+    for (name, quantity), value in theory.items():
+        assert lin["variants"][name]["prediction"][quantity] == pytest.approx(value, rel=1e-12)
+    expected = [
+        ("biased", exact["biased"][-1], theory["biased", "outlier"]),
+        ("biased", exact["biased"][-2], edges["upper_edge"]),
+        ("biased", exact["biased"][0], edges["lower_edge"]),
+        ("centered", exact["centered"][-1], edges["upper_edge"]),
+        ("centered", exact["centered"][0], edges["lower_edge"]),
+    ]
+    assert len(lin["agreements"]) == len(expected)
+    for a, (name, eig, predicted) in zip(lin["agreements"], expected, strict=True):
+        assert a["variant"] == name
+        assert a["predicted"] == pytest.approx(predicted, rel=1e-12)
+        error = abs(eig - predicted) / predicted
+        assert a["relative_error"] == pytest.approx(error, rel=1e-5, abs=1e-9)
+        assert a["within_tolerance"] == (error <= 0.05)
+    # the outlier is LeCun's N m^2 + v within what p samples allow, and gone without a mean
+    _assert_outlier_is_lecuns(results)
+    assert lin["variants"]["centered"]["lambda_max"] < 2 * edges["upper_edge"]
     # GD: the outlier costs steps; the run never exceeds the worst-case bound.
-    for v in (b, c):
-        gd = v["gd"]
+    b, c = lin["variants"]["biased"], lin["variants"]["centered"]
+    for var in (b, c):
+        gd = var["gd"]
         assert gd["steps"] is not None
         assert gd["steps"] <= gd["bound_from_measured_eigenvalues"]["steps"]
         assert gd["error_ratio"][-1] <= 1e-3 < gd["error_ratio"][-2]
-        assert gd["learning_rate"] == pytest.approx(1.0 / v["lambda_max"])
+        assert gd["steps"] == len(gd["error_ratio"]) - 1
+        assert gd["learning_rate"] == pytest.approx(1.0 / var["lambda_max"])
     assert b["gd"]["steps"] > 5 * c["gd"]["steps"]
     assert lin["gd_steps_ratio_biased_over_centered"] == b["gd"]["steps"] / c["gd"]["steps"]
     assert math.isclose(sum(np.asarray(b["slq"]["weights"]).sum(1)), 3.0, rel_tol=1e-9)
 
 
-def test_end_to_end_mlp_and_report(tiny_run):
-    out, results = tiny_run
+def test_end_to_end_mlp(tiny_run):
+    _, results = tiny_run
     mlp = results["mlp"]
     assert mlp["phases"] == [0, 5]
     assert set(mlp["variants"]) == {"raw", "centered", "batchnorm"}
@@ -221,16 +321,27 @@ def test_end_to_end_mlp_and_report(tiny_run):
                 assert len(res["top_values"]) == 10
                 assert res["lambda_max"] == res["top_values"][0]
                 assert 0.0 <= res["top_vector_mean_overlap"] <= 1.0 + 1e-9
+
+
+def test_end_to_end_report_states_the_numbers(tiny_run):
+    out, results = tiny_run
     report = (out / "report.md").read_text()
     for a in results["linear"]["agreements"]:
-        assert ib._pct(a["relative_error"]) in report
-        assert ib._fmt(a["measured"]) in report
+        row = [a["variant"], a["quantity"], fmt(a["measured"]), fmt(a["predicted"])]
+        row += [pct(a["relative_error"]), fmt(a["within_tolerance"])]
+        assert "| " + " | ".join(row) + " |" in report
     lin = results["linear"]["variants"]
-    assert f"| biased | {ib._fmt(lin['biased']['gd']['learning_rate'])} | " in report
-    assert str(lin["centered"]["gd"]["steps"]) in report
+    for name in ("biased", "centered"):
+        gd = lin[name]["gd"]
+        row = [name, fmt(gd["learning_rate"]), fmt(gd["steps"])]
+        row += [fmt(gd["bound_from_measured_eigenvalues"]["steps"])]
+        assert "| " + " | ".join(row) + " |" in report
+    assert f"lambda_max falls from {fmt(lin['biased']['lambda_max'])} to " in report
+    for var in results["mlp"]["variants"].values():
+        for analyses in var["analyses"].values():
+            for res in analyses.values():
+                assert f" | {fmt(res['lambda_max'])} | {fmt(res['ratio_to_kth'])} | " in report
     assert "Wall time" in report and "figures/linear_density.png" in report
-    raw0 = mlp["variants"]["raw"]["analyses"]["0"]["None"]
-    assert ib._fmt(raw0["lambda_max"]) in report
 
 
 def test_refuses_to_overwrite_an_earlier_run(tiny_run):
@@ -256,6 +367,7 @@ def test_defaults_meet_the_five_percent_agreements(tmp_path):
     assert max(errors.values()) <= 0.05
     b, c = lin["variants"]["biased"]["gd"], lin["variants"]["centered"]["gd"]
     assert b["steps"] > 50 * c["steps"]  # the outlier's cost at lr = 1 / lambda_max
+    _assert_outlier_is_lecuns(results)  # N = 200, p = 2000: within 1.3 % of N m^2 + v
     report = (tmp_path / "report.md").read_text()
     assert "All agreements within 5.00 %: **yes**" in report
 

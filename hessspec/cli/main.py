@@ -90,8 +90,8 @@ DEFAULT_OUT = "hessspec-out"
 #: and ``QUICK_OVERRIDES``. Without that key (or with ``experiment = "batchnorm_spectrum"``)
 #: a file configures the BatchNorm spectrum study of this module.
 EXPERIMENTS = {
-    "input_bias": ("hessspec.studies.input_bias.study", "InputBiasConfig", "run_input_bias_study"),
-    "santurkar": ("hessspec.studies.santurkar.study", "SanturkarConfig", "run_santurkar_study"),
+    "input_bias": ("hessspec.studies.input_bias", "InputBiasConfig", "run_input_bias_study"),
+    "santurkar": ("hessspec.studies.santurkar", "SanturkarConfig", "run_santurkar_study"),
 }
 
 
