@@ -268,14 +268,14 @@ def test_basis_in_host_memory(monkeypatch):
     """basis_memory="host": the basis (in blocks) lives in the pinned_host memory space
     through the compiled Lanczos steps and thick restarts, and every result equals the
     device-memory run."""
-    from hessspec.linalg import krylov
+    from hessspec.linalg import krylov, krylov_runner
 
     monkeypatch.setattr(krylov, "BLOCKED_MIN_ELEMENTS", 0)
     a, ev, q = matrix_with_spectrum(outliers_and_bulk(5), seed=5)
     op = dense_op(a)
     v0 = np.random.default_rng(5).normal(size=N)
 
-    runner = krylov.KrylovRunner(
+    runner = krylov_runner.KrylovRunner(
         op, krylov.basis_rows(M), basis_dtype=np.float64, host=True, key=jax.random.key(0)
     )
     assert runner.state.basis.sharding.memory_kind == "pinned_host"

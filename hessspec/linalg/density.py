@@ -24,12 +24,11 @@ from tqdm.auto import tqdm
 
 from hessspec.linalg.krylov import (
     RESOLUTION_FACTOR,
-    KrylovRunner,
     basis_rows,
     check_basis_memory,
-    check_finite,
     resolution_tolerance,
 )
+from hessspec.linalg.krylov_runner import KrylovRunner, check_finite
 from hessspec.linalg.linop import LinearOperator, as_operator
 from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
 from hessspec.linalg.memory import check_call

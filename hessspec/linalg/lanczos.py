@@ -23,13 +23,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from hessspec.linalg.krylov import (
-    KrylovRunner,
-    basis_rows,
-    breakdown_tolerance,
-    check_basis_memory,
-    check_finite,
-)
+from hessspec.linalg.krylov import basis_rows, breakdown_tolerance, check_basis_memory
+from hessspec.linalg.krylov_runner import KrylovRunner, check_finite
 from hessspec.linalg.linop import LinearOperator, as_operator, solver_dtype
 from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
 from hessspec.linalg.memory import check_call

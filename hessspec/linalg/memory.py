@@ -31,8 +31,8 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from hessspec.linalg.krylov import MIN_BASIS_ROWS, NUM_BASIS_BLOCKS, basis_rows, device_of
-from hessspec.linalg.linop import LinearOperator, as_operator, matvec, solver_dtype
+from hessspec.linalg.krylov import MIN_BASIS_ROWS, NUM_BASIS_BLOCKS, basis_rows
+from hessspec.linalg.linop import LinearOperator, as_operator, device_of, matvec, solver_dtype
 from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
 
 __all__ = [

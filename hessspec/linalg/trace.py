@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from hessspec.linalg.krylov import KrylovRunner, basis_rows, check_finite
+from hessspec.linalg.krylov import basis_rows
+from hessspec.linalg.krylov_runner import KrylovRunner, check_finite
 from hessspec.linalg.linop import LinearOperator, as_operator
 from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
 from hessspec.linalg.memory import check_call
