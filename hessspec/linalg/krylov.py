@@ -146,7 +146,6 @@ def check_basis_memory(basis_memory: str, caller: str) -> bool:
     return basis_memory == "host"
 
 
-
 # ---------------------------------------------------------------------------------------
 # the blocked basis
 
