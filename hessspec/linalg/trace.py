@@ -50,9 +50,9 @@ class TraceEstimate(NamedTuple):
 def trace(
     op: LinearOperator | Any,
     num_matvecs: int = 300,
+    *,
     key: jax.Array | None = None,
     method: str = "hutch++",
-    *,
     dim: int | None = None,
     basis_dtype: Any = None,
     check_memory: bool | float = True,
