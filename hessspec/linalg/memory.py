@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.extend import core as jcore
 
 from hessspec.linalg.krylov import MIN_BASIS_ROWS, NUM_BASIS_BLOCKS, basis_rows
 from hessspec.linalg.linop import LinearOperator, as_operator, device_of, matvec, solver_dtype
@@ -148,6 +147,8 @@ def _aval_bytes(v: Any) -> int:
 
 
 def _sub_jaxprs(eqn) -> list:
+    from jax.extend import core as jcore  # here: jax.extend loads pallas (20 ms of imports)
+
     subs = []
     for value in eqn.params.values():
         items = value if isinstance(value, list | tuple) else (value,)
@@ -163,6 +164,8 @@ def _peak_live_bytes(jaxpr) -> int:
     """Peak bytes of intermediates alive at once in ``jaxpr`` (inputs excluded), by a linear
     scan that frees each value after its last use; a sub-program (scan/while body, cond
     branch, pjit) adds its own peak while its equation runs."""
+    from jax.extend import core as jcore
+
     eqns = jaxpr.eqns
     last_use: dict = {}
     for i, eqn in enumerate(eqns):
