@@ -4,22 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import matrix_with_spectrum
+from reference import dense_op, matrix_with_spectrum
 
 import hessspec as hs
 from hessspec.linalg import krylov, krylov_runner, memory
 
 N = 200
 M = 30
-
-
-def _dense_apply(v, a):
-    return a @ v
-
-
-def dense_op(a, dtype=np.float64):
-    a = jnp.asarray(a, dtype=dtype)
-    return hs.LinearOperator(apply=_dense_apply, operand=a, dim=a.shape[0], dtype=dtype)
 
 
 def spectrum(seed=0):

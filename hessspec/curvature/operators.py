@@ -113,14 +113,32 @@ def _check_scalar_loss(loss_fn: Callable, params: Any, batch: Any, name: str) ->
 
 
 class _Prepared(NamedTuple):
+    """Parameters and data validated and placed on the devices, ready for an operator.
+
+    Attributes:
+        flat_params: ``(dim,)`` the selected parameter leaves as one flat vector.
+        fixed: the parameter leaves outside the block, in leaf order.
+        layout: the parameters' :class:`~hessspec.curvature.layout.FlatLayout`.
+        batches: the :class:`~hessspec.curvature.batching.BatchLayout`.
+        full_batches: the full batches stacked along a leading axis (None without any).
+        remainder: the ragged last batch (None without one).
+        first_batch: one batch, to check the loss on.
+        platform: the devices' platform (``"cpu"``, ``"gpu"``, ...).
+    """
+
     flat_params: jax.Array
-    fixed: list  # the parameter leaves outside the block (on the devices)
+    fixed: list
     layout: FlatLayout
     batches: BatchLayout
     full_batches: Any
     remainder: Any
     first_batch: Any
     platform: str
+
+    def operand(self, function_leaves: Any) -> tuple:
+        """The operand of an apply: ``(flat_params, fixed_leaves, function_leaves,
+        (full_batches, remainder))``."""
+        return (self.flat_params, self.fixed, function_leaves, (self.full_batches, self.remainder))
 
 
 def _prepare(
@@ -148,6 +166,17 @@ def _prepare(
         first = remainder
     platform = next(iter(flat_params.devices())).platform
     return _Prepared(flat_params, fixed, layout, batches, full_batches, remainder, first, platform)
+
+
+def _prepare_loss(
+    loss_fn: Callable, params: Any, data: Any, batch_size: int | None, devices: Any, wrt: Any
+) -> tuple[_Callable, list, _Prepared]:
+    """``loss_fn`` split into its static part and array leaves, and the prepared parameters
+    and data, the loss checked to be a float scalar on the first batch."""
+    static, loss_leaves = _split_callable(loss_fn, "loss_fn")
+    prep = _prepare(params, data, batch_size, devices, wrt)
+    _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
+    return static, loss_leaves, prep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,17 +311,9 @@ def hessian_operator(
             NaN/Inf in params or data, a ``wrt`` that does not fit or selects nothing.
         TypeError: non-array leaves in params (named, with the fix).
     """
-    static, loss_leaves = _split_callable(loss_fn, "loss_fn")
-    prep = _prepare(params, data, batch_size, devices, wrt)
-    _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
+    static, loss_leaves, prep = _prepare_loss(loss_fn, params, data, batch_size, devices, wrt)
     apply = _HessianApply(static, prep.layout, prep.batches, prep.platform)
-    operand = (
-        prep.flat_params,
-        prep.fixed,
-        loss_leaves,
-        (prep.full_batches, prep.remainder),
-    )
-    return _operator(apply, operand, prep, "Hessian")
+    return _operator(apply, prep.operand(loss_leaves), prep, "Hessian")
 
 
 def ggn_operator(
@@ -331,13 +352,7 @@ def ggn_operator(
         lambda p, b: output_loss_fn(model_fn(p, b), b), params, prep.first_batch, "output_loss_fn"
     )
     apply = _GGNApply(model_static, out_static, prep.layout, prep.batches, prep.platform)
-    operand = (
-        prep.flat_params,
-        prep.fixed,
-        (model_leaves, out_leaves),
-        (prep.full_batches, prep.remainder),
-    )
-    return _operator(apply, operand, prep, "Gauss-Newton")
+    return _operator(apply, prep.operand((model_leaves, out_leaves)), prep, "Gauss-Newton")
 
 
 class DatasetGradient(NamedTuple):
@@ -392,11 +407,7 @@ def dataset_gradient(
     ``batch_size`` and ``wrt`` (the block's part of it), so gradient-energy fractions use
     consistent objects. The compiled program is shared across calls as the operators' are.
     """
-    static, loss_leaves = _split_callable(loss_fn, "loss_fn")
-    prep = _prepare(params, data, batch_size, devices, wrt)
-    _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
+    static, loss_leaves, prep = _prepare_loss(loss_fn, params, data, batch_size, devices, wrt)
     fn = _GradientFn(static, prep.layout, prep.batches, prep.platform)
-    loss, grad = _dataset_gradient(
-        fn, (prep.flat_params, prep.fixed, loss_leaves, (prep.full_batches, prep.remainder))
-    )
+    loss, grad = _dataset_gradient(fn, prep.operand(loss_leaves))
     return DatasetGradient(loss, grad)

@@ -109,13 +109,14 @@ def gaussian_quadrature(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SpectralDensity:
-    """Probe-wise Gaussian quadratures of the spectral measure, and their smoothing.
+    """Probe-wise Gaussian quadratures of the spectral measure, and their smoothing; the
+    output of :func:`spectral_density` (NumPy arrays on the host).
 
     Attributes:
-        nodes: ``(num_probes, num_steps)`` quadrature nodes (Ritz values), ascending per
-            probe; entries past a probe's ``num_steps_done`` have weight 0.
-        weights: ``(num_probes, num_steps)`` weights; each row sums to 1.
-        num_steps_done: ``(num_probes,)`` valid Lanczos steps per probe (``< num_steps``
+        nodes: ``(num_probes, num_steps)`` float64 quadrature nodes (Ritz values), ascending
+            per probe; entries past a probe's ``num_steps_done`` have weight 0.
+        weights: ``(num_probes, num_steps)`` float64 weights; each row sums to 1.
+        num_steps_done: ``(num_probes,)`` int64 valid Lanczos steps per probe (``< num_steps``
             only where the Krylov space became invariant).
         dim: the operator's dimension ``n``.
     """

@@ -32,7 +32,7 @@ __all__ = ["TraceEstimate", "trace"]
 
 
 class TraceEstimate(NamedTuple):
-    """Output of :func:`trace`.
+    """Output of :func:`trace`: Python numbers (host values, no arrays).
 
     Attributes:
         value: the trace estimate.
