@@ -44,7 +44,7 @@ from hessspec.linalg.linop import linearize  # noqa: E402
 from hessspec.nn.objective import make_objective  # noqa: E402
 
 
-def main():
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=930)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -55,9 +55,72 @@ def main():
     parser.add_argument("--steps", type=int, default=90)
     parser.add_argument("--skip-slq", action="store_true")
     parser.add_argument("--skip-top", action="store_true")
-    args = parser.parse_args()
-    basis_dtype = None if args.basis_dtype in ("none", "None") else args.basis_dtype
+    return parser.parse_args()
 
+
+def _print_memory_estimate(op, args, basis_dtype) -> None:
+    """What a CLI prints before a run: the peak of the solver calls' memory estimates."""
+    estimates = []
+    if not args.skip_top:
+        estimates.append(memory.estimate_memory(op, k=args.k, basis_dtype=basis_dtype))
+    if not args.skip_slq:
+        estimates.append(
+            memory.estimate_memory(
+                op, num_steps=args.steps, num_probes=args.probes, basis_dtype=basis_dtype
+            )
+        )
+    if estimates:
+        print(memory.summarize(estimates), flush=True)
+
+
+def _hvp_seconds(op, note) -> float:
+    """Time the first HVP (compile + run) and the median of 3 more; returns the median."""
+    v = jax.random.normal(jax.random.key(0), (op.dim,), jnp.float32)
+    t = time.perf_counter()
+    op.matvec(v).block_until_ready()
+    note("first HVP (compile + run)", time.perf_counter() - t)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        op.matvec(v).block_until_ready()
+        times.append(time.perf_counter() - t)
+    t_hvp = float(np.median(times))
+    note("one HVP (median of 3)", t_hvp)
+    return t_hvp
+
+
+def _solve(op, args, basis_dtype, t_hvp: float, note) -> None:
+    """The top-k eigenpairs and the SLQ density, timed (unless skipped)."""
+    if not args.skip_top:
+        t = time.perf_counter()
+        eig = hs.top_eigenpairs(op, args.k, basis_dtype=basis_dtype)
+        dt = time.perf_counter() - t
+        rel = np.max(eig.residuals / np.max(np.abs(eig.values)))
+        note(
+            f"top-{args.k} eigenpairs",
+            dt,
+            f"{eig.num_matvecs} matvecs, {int(np.sum(eig.converged))}/{args.k} converged, "
+            f"max residual/lambda_1 {rel:.1e}, lambda_1 {eig.values[0]:.4g}, "
+            f"lambda_{args.k} {eig.values[-1]:.4g}",
+        )
+    if not args.skip_slq:
+        t = time.perf_counter()
+        sd = hs.spectral_density(
+            op, num_probes=args.probes, num_steps=args.steps, basis_dtype=basis_dtype
+        )
+        dt = time.perf_counter() - t
+        note(
+            f"SLQ density {args.probes} x {args.steps}",
+            dt,
+            f"{args.probes * args.steps} matvecs, nodes in [{sd.lambda_min:.3g}, "
+            f"{sd.lambda_max:.3g}], {dt / (args.probes * args.steps) / t_hvp:.2f} x HVP "
+            "per step",
+        )
+
+
+def main():
+    args = _arguments()
+    basis_dtype = None if args.basis_dtype in ("none", "None") else args.basis_dtype
     t_all = time.perf_counter()
     print(
         f"devices: {jax.devices()}  (jax {jax.__version__}); load average {os.getloadavg()}",
@@ -84,68 +147,15 @@ def main():
         f"{len(data.x)} digits, batch_size={args.batch_size}, linearized="
         f"{not args.no_linearize}, basis_dtype={basis_dtype}"
     )
-    estimates = []
-    if not args.skip_top:
-        estimates.append(memory.estimate_memory(op, k=args.k, basis_dtype=basis_dtype))
-    if not args.skip_slq:
-        estimates.append(
-            memory.estimate_memory(
-                op,
-                num_steps=args.steps,
-                num_probes=args.probes,
-                basis_dtype=basis_dtype,
-            )
-        )
-    if estimates:
-        print(memory.summarize(estimates), flush=True)
-
-    v = jax.random.normal(jax.random.key(0), (op.dim,), jnp.float32)
-    t = time.perf_counter()
-    op.matvec(v).block_until_ready()
-    note("first HVP (compile + run)", time.perf_counter() - t)
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        op.matvec(v).block_until_ready()
-        times.append(time.perf_counter() - t)
-    t_hvp = float(np.median(times))
-    note("one HVP (median of 3)", t_hvp)
-
-    if not args.skip_top:
-        t = time.perf_counter()
-        eig = hs.top_eigenpairs(op, args.k, basis_dtype=basis_dtype)
-        dt = time.perf_counter() - t
-        rel = np.max(eig.residuals / np.max(np.abs(eig.values)))
-        note(
-            f"top-{args.k} eigenpairs",
-            dt,
-            f"{eig.num_matvecs} matvecs, {int(np.sum(eig.converged))}/{args.k} converged, "
-            f"max residual/lambda_1 {rel:.1e}, lambda_1 {eig.values[0]:.4g}, "
-            f"lambda_{args.k} {eig.values[-1]:.4g}",
-        )
-    if not args.skip_slq:
-        t = time.perf_counter()
-        sd = hs.spectral_density(
-            op,
-            num_probes=args.probes,
-            num_steps=args.steps,
-            basis_dtype=basis_dtype,
-        )
-        dt = time.perf_counter() - t
-        note(
-            f"SLQ density {args.probes} x {args.steps}",
-            dt,
-            f"{args.probes * args.steps} matvecs, nodes in [{sd.lambda_min:.3g}, "
-            f"{sd.lambda_max:.3g}], {dt / (args.probes * args.steps) / t_hvp:.2f} x HVP "
-            "per step",
-        )
+    _print_memory_estimate(op, args, basis_dtype)
+    _solve(op, args, basis_dtype, _hvp_seconds(op, note), note)
     total = time.perf_counter() - t_all
     rows.append(("total wall time (incl. data, model, compiles)", total, ""))
     print()
     print("| stage | seconds | notes |")
     print("|---|---|---|")
-    for name, sec, note in rows:
-        print(f"| {name} | {sec:.1f} | {note} |")
+    for name, sec, text in rows:
+        print(f"| {name} | {sec:.1f} | {text} |")
     print(f"\npeak RSS {peak_rss_bytes() / 2**30:.2f} GiB; load average {os.getloadavg()}")
 
 

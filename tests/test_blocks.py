@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hessspec as hs
-from hessspec.curvature.operators import flat_layout
+from hessspec.curvature.layout import flat_layout
 from hessspec.nn.data import load_digits
 from hessspec.nn.models import make_model
 from hessspec.nn.objective import make_objective

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
-from reference import matrix_with_spectrum
+from reference import counting_operator, dense_op, matrix_with_spectrum
 from scipy.stats import wasserstein_distance
 
 import hessspec as hs
@@ -15,15 +15,6 @@ from hessspec.linalg.density import ghorbani_sigma
 
 N = 300
 PROBES, STEPS = 10, 80  # one (probes, steps, dim) shape: one compilation of the SLQ program
-
-
-def _dense_apply(v, a):
-    return a @ v
-
-
-def dense_op(a):
-    a = jnp.asarray(a, dtype=jnp.float64)
-    return hs.LinearOperator(apply=_dense_apply, operand=a, dim=a.shape[0], dtype=np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -113,16 +104,7 @@ def test_gaussian_quadrature_against_dense_eigh():
 
 
 def test_no_recompilation_for_keys_probes_and_steps(outlier_matrix):
-    a, _ = outlier_matrix
-    a = jnp.asarray(a)
-    traces = []
-
-    def matvec(v):
-        traces.append(1)  # runs only while jax traces
-        return a @ v
-
-    op = hs.as_operator(matvec, dim=N)
-    traces.clear()
+    _, op, traces = counting_operator(outlier_matrix[0])
     first = hs.spectral_density(op, num_probes=PROBES, num_steps=STEPS)
     count = len(traces)
     second = hs.spectral_density(op, num_probes=PROBES, num_steps=STEPS, key=jax.random.key(1))
@@ -196,9 +178,7 @@ def test_float32_resolves_a_bulk_under_a_large_outlier(outlier_over_bulk):
     well as float64 does (the old threshold, 100 eps x the outlier, stopped after 2 steps
     with a Wasserstein error of 0.12 of the width)."""
     a, bulk, q = outlier_over_bulk
-    op32 = hs.LinearOperator(
-        apply=_dense_apply, operand=jnp.asarray(a, jnp.float32), dim=a.shape[0], dtype=np.float32
-    )
+    op32 = dense_op(a, np.float32)
     sd = hs.spectral_density(op32, num_probes=10, num_steps=80)
     assert np.all(sd.num_steps_done == 80)
     assert np.mean(np.sum(sd.nodes < 1.0, axis=1)) >= 75
@@ -213,12 +193,7 @@ def test_a_bulk_below_float32_resolution_is_reported(outlier_over_bulk):
     a, bulk, q = outlier_over_bulk
     narrow = bulk * 1e-3
     a = (q * np.sort(np.concatenate([[1e4], narrow]))) @ q.T
-    ops = {
-        dt: hs.LinearOperator(
-            apply=_dense_apply, operand=jnp.asarray(a, dt), dim=a.shape[0], dtype=dt
-        )
-        for dt in (np.float32, np.float64)
-    }
+    ops = {dt: dense_op(a, dt) for dt in (np.float32, np.float64)}
     with pytest.warns(hs.SpectralResolutionWarning, match=r"float32 matvecs resolve \(about"):
         hs.spectral_density(ops[np.float32], num_probes=4, num_steps=80)
     with warnings.catch_warnings():

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import matrix_with_spectrum
+from reference import counting_operator, dense_op, matrix_with_spectrum
 
 import hessspec as hs
 from hessspec.linalg import lanczos
@@ -12,16 +12,6 @@ from hessspec.linalg.lanczos import breakdown_tolerance, default_tolerance
 
 N = 200
 M = 30  # one basis size for most tests: one compilation of the Lanczos loop
-
-
-def _dense_apply(v, a):
-    return a @ v
-
-
-def dense_op(a, dtype=np.float64):
-    """A LinearOperator for a dense matrix; module-level apply so compilations are shared."""
-    a = jnp.asarray(a, dtype=dtype)
-    return hs.LinearOperator(apply=_dense_apply, operand=a, dim=a.shape[0], dtype=dtype)
 
 
 def outliers_and_bulk(seed=0):
@@ -213,15 +203,7 @@ def test_nan_matvec_raises():
 
 def test_plain_callable_reproducible_and_no_recompilation():
     a, ev, _ = matrix_with_spectrum(outliers_and_bulk(8), seed=8)
-    a = jnp.asarray(a)
-    traces = []
-
-    def matvec(v):
-        traces.append(1)  # runs only while jax traces
-        return a @ v
-
-    op = hs.as_operator(matvec, dim=N)
-    traces.clear()
+    matvec, op, traces = counting_operator(a)
     first = hs.top_eigenpairs(op, 5, num_steps=M)
     count = len(traces)
     assert count >= 1
@@ -268,14 +250,14 @@ def test_basis_in_host_memory(monkeypatch):
     """basis_memory="host": the basis (in blocks) lives in the pinned_host memory space
     through the compiled Lanczos steps and thick restarts, and every result equals the
     device-memory run."""
-    from hessspec.linalg import krylov
+    from hessspec.linalg import krylov, krylov_runner
 
     monkeypatch.setattr(krylov, "BLOCKED_MIN_ELEMENTS", 0)
     a, ev, q = matrix_with_spectrum(outliers_and_bulk(5), seed=5)
     op = dense_op(a)
     v0 = np.random.default_rng(5).normal(size=N)
 
-    runner = krylov.KrylovRunner(
+    runner = krylov_runner.KrylovRunner(
         op, krylov.basis_rows(M), basis_dtype=np.float64, host=True, key=jax.random.key(0)
     )
     assert runner.state.basis.sharding.memory_kind == "pinned_host"
@@ -315,9 +297,7 @@ def test_per_pair_convergence_on_a_clustered_indefinite_spectrum():
     rng = np.random.default_rng(0)
     spec = np.concatenate([rng.uniform(1.0, 1.05, 10), rng.uniform(-1.0, 0.99, 589), [-155.0]])
     a, ev, q = matrix_with_spectrum(spec, seed=0)
-    op = hs.LinearOperator(
-        apply=_dense_apply, operand=jnp.asarray(a, jnp.float32), dim=600, dtype=np.float32
-    )
+    op = dense_op(a, np.float32)
     res = hs.top_eigenpairs(op, 10)
     ref = ev[::-1][:10]
     assert np.all(res.converged)

@@ -33,7 +33,9 @@ def quadratic(rng):
 def test_quadratic_metrics_equal_closed_forms(quadratic):
     params, x, a = quadratic
     lr, lo, hi, num = 0.07, 0.5, 4.0, 8
-    m = hs.landscape_along_gradient(_quadratic_loss, params, jnp.asarray(a), lr, (lo, hi), num)
+    m = hs.landscape_along_gradient(
+        _quadratic_loss, params, jnp.asarray(a), lr, step_range=(lo, hi), num_steps=num
+    )
     g = a @ x
     ag = a @ g
     s = lr * np.linspace(lo, hi, num)
@@ -57,7 +59,7 @@ def test_compiled_once_per_loss_fn(quadratic):
     batch = jnp.asarray(a)
     hs.landscape_along_gradient(_quadratic_loss, params, batch, 0.1)
     before = landscape._along_gradient._cache_size()
-    hs.landscape_along_gradient(_quadratic_loss, params, 2.0 * batch, 0.3, (1.0, 2.0))
+    hs.landscape_along_gradient(_quadratic_loss, params, 2.0 * batch, 0.3, step_range=(1.0, 2.0))
     assert landscape._along_gradient._cache_size() == before
 
 
@@ -80,9 +82,9 @@ def test_along_gradient_errors(quadratic):
             hs.landscape_along_gradient(_quadratic_loss, params, batch, lr)
     for bad in ((0.0, 1.0), (2.0, 1.0), (-1.0, 1.0), (1.0, float("inf"))):
         with pytest.raises(ValueError, match="step_range"):
-            hs.landscape_along_gradient(_quadratic_loss, params, batch, 0.1, bad)
+            hs.landscape_along_gradient(_quadratic_loss, params, batch, 0.1, step_range=bad)
     with pytest.raises(ValueError, match="step_range"):
-        hs.landscape_along_gradient(_quadratic_loss, params, batch, 0.1, (1.0,))
+        hs.landscape_along_gradient(_quadratic_loss, params, batch, 0.1, step_range=(1.0,))
     with pytest.raises(ValueError, match="num_steps"):
         hs.landscape_along_gradient(_quadratic_loss, params, batch, 0.1, num_steps=0)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)

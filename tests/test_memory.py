@@ -4,22 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import matrix_with_spectrum
+from reference import dense_op, matrix_with_spectrum
 
 import hessspec as hs
-from hessspec.linalg import krylov, memory
+from hessspec.linalg import krylov, krylov_runner, memory
 
 N = 200
 M = 30
-
-
-def _dense_apply(v, a):
-    return a @ v
-
-
-def dense_op(a, dtype=np.float64):
-    a = jnp.asarray(a, dtype=dtype)
-    return hs.LinearOperator(apply=_dense_apply, operand=a, dim=a.shape[0], dtype=dtype)
 
 
 def spectrum(seed=0):
@@ -43,7 +34,7 @@ def test_estimates_equal_the_arrays_allocated(basis_dtype):
     # top_eigenpairs: the blocked basis the engine allocates, and a restart's copy of it
     big_n = 10_000
     est = memory.estimate_memory(big_n, k=20, basis_dtype=basis_dtype)
-    runner = krylov.KrylovRunner(
+    runner = krylov_runner.KrylovRunner(
         dense_op(np.eye(4)),
         krylov.basis_rows(60),
         basis_dtype=est_dtype(basis_dtype),

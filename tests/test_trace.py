@@ -4,21 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import matrix_with_spectrum
+from reference import counting_operator, dense_op, matrix_with_spectrum
 
 import hessspec as hs
 
 N = 200
 BUDGET = 150
-
-
-def _dense_apply(v, a):
-    return a @ v
-
-
-def dense_op(a):
-    a = jnp.asarray(a, dtype=jnp.float64)
-    return hs.LinearOperator(apply=_dense_apply, operand=a, dim=a.shape[0], dtype=np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +47,7 @@ def test_hutchpp_exact_when_sketch_spans_everything(low_rank_plus_noise):
 
 def test_plain_callable_keys_and_no_recompilation(low_rank_plus_noise):
     a = jnp.asarray(low_rank_plus_noise[0])
-    traces = []
-
-    def matvec(v):
-        traces.append(1)  # runs only while jax traces
-        return a @ v
-
-    op = hs.as_operator(matvec, dim=N)
-    traces.clear()
+    matvec, op, traces = counting_operator(a)
     first = hs.trace(op, num_matvecs=BUDGET)
     count = len(traces)
     again = hs.trace(op, num_matvecs=BUDGET)

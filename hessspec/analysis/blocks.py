@@ -17,7 +17,8 @@ import jax
 import numpy as np
 
 from hessspec.analysis.spectrum import density_js_distance
-from hessspec.curvature.operators import flat_layout, hessian_operator
+from hessspec.curvature.layout import flat_layout
+from hessspec.curvature.operators import hessian_operator
 from hessspec.linalg.density import SpectralDensity, density_grid, ghorbani_sigma, spectral_density
 from hessspec.linalg.lanczos import EigenResult, top_eigenpairs
 from hessspec.linalg.trace import TraceEstimate, trace

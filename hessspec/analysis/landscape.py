@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from hessspec.analysis.theory import check_positive
+
 __all__ = [
     "InternalCovariateShift",
     "LandscapeMetrics",
@@ -38,16 +40,6 @@ __all__ = [
     "internal_covariate_shift",
     "landscape_along_gradient",
 ]
-
-
-def _check_lr(lr) -> float:
-    try:
-        lr = float(lr)
-    except (TypeError, ValueError):
-        raise TypeError(f"lr must be a real number, got {lr!r}.") from None
-    if not math.isfinite(lr) or lr <= 0.0:
-        raise ValueError(f"lr must be finite and > 0, got {lr!r}.")
-    return lr
 
 
 def _check_scalar_loss(loss_fn: Callable, params: Any, batch: Any) -> None:
@@ -123,6 +115,7 @@ def landscape_along_gradient(
     params: Any,
     batch: Any,
     lr: float,
+    *,
     step_range: tuple[float, float] = (0.5, 4.0),
     num_steps: int = 8,
 ) -> LandscapeMetrics:
@@ -153,7 +146,7 @@ def landscape_along_gradient(
             ``num_steps``, or a zero gradient (``x`` is stationary: there is no step to take
             and beta-smoothness, a ratio over ``||s g||``, is undefined).
     """
-    lr = _check_lr(lr)
+    lr = check_positive("lr", lr)
     try:
         lo, hi = (float(t) for t in step_range)
     except (TypeError, ValueError):
@@ -336,7 +329,7 @@ def internal_covariate_shift(
         ValueError: non-scalar loss, ``lr <= 0``, an empty ``layer_order``, a layer that
             matches no parameter, or overlapping layers.
     """
-    lr = _check_lr(lr)
+    lr = check_positive("lr", lr)
     if layer_order is None:
         layer_order = default_layer_order(params)
     layer_id, names = _layer_ids(params, layer_order)

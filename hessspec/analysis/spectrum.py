@@ -141,7 +141,8 @@ def gradient_energy(g: Any, vectors: Any) -> np.ndarray:
 
 
 class OutlierSplit(NamedTuple):
-    """Outliers against the bulk, from the top eigenvalues (see :func:`outlier_split`).
+    """Outliers against the bulk, from the top eigenvalues (see :func:`outlier_split`): Python
+    numbers and one float64 NumPy array.
 
     Attributes:
         num_outliers: count ``c`` of eigenvalues above the largest relative gap (0 if none).

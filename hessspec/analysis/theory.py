@@ -30,8 +30,9 @@ __all__ = [
 ]
 
 
-def _positive(name: str, value) -> float:
-    """``float(value)``, or ValueError unless it is finite and > 0."""
+def check_positive(name: str, value) -> float:
+    """``float(value)``; TypeError if it is not a real number, ValueError unless it is finite
+    and > 0 (the message names ``name``)."""
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -153,8 +154,8 @@ def marchenko_pastur(ratio: float, variance: float = 1.0) -> MarchenkoPastur:
     Raises:
         ValueError: ``ratio <= 0`` or ``variance <= 0`` (or not finite).
     """
-    y = _positive("ratio", ratio)
-    v = _positive("variance", variance)
+    y = check_positive("ratio", ratio)
+    v = check_positive("variance", variance)
     return MarchenkoPastur(
         ratio=y,
         variance=v,
@@ -247,7 +248,7 @@ def input_correlation_spectrum_prediction(
     """
     n = _positive_int("num_inputs", num_inputs)
     p = _positive_int("num_samples", num_samples)
-    v = _positive("variance", variance)
+    v = check_positive("variance", variance)
     mp = marchenko_pastur(n / p, v)
     outlier = lecun_outlier(n, mean, v)
     spike = outlier - v  # N m^2
@@ -282,7 +283,7 @@ def stable_learning_rate(lambda_max: float) -> float:
     Raises:
         ValueError: ``lambda_max <= 0`` (no positive curvature bounds the step).
     """
-    return 2.0 / _positive("lambda_max", lambda_max)
+    return 2.0 / check_positive("lambda_max", lambda_max)
 
 
 def slowest_time_constant(lr: float, lambda_min_positive: float) -> float:
@@ -304,7 +305,9 @@ def slowest_time_constant(lr: float, lambda_min_positive: float) -> float:
     Raises:
         ValueError: a non-positive argument.
     """
-    return 1.0 / (_positive("lr", lr) * _positive("lambda_min_positive", lambda_min_positive))
+    return 1.0 / (
+        check_positive("lr", lr) * check_positive("lambda_min_positive", lambda_min_positive)
+    )
 
 
 class GDConvergence(NamedTuple):
@@ -327,7 +330,7 @@ class GDConvergence(NamedTuple):
 
 
 def gd_steps_to_tolerance(
-    eigenvalues, lr: float, tol: float, null_rtol: float = 1e-10
+    eigenvalues, lr: float, tol: float, *, null_rtol: float = 1e-10
 ) -> GDConvergence:
     """Steps of gradient descent on a quadratic until the error ratio is at most ``tol``.
 
@@ -359,7 +362,7 @@ def gd_steps_to_tolerance(
             has no minimum), no positive eigenvalue, ``lr <= 0``, ``tol`` outside ``(0, 1)``.
     """
     lam = np.asarray(eigenvalues, dtype=np.float64).ravel()
-    lr = _positive("lr", lr)
+    lr = check_positive("lr", lr)
     tol = float(tol)
     if not 0.0 < tol < 1.0:
         raise ValueError(f"tol must lie in (0, 1), got {tol!r}.")

@@ -21,12 +21,14 @@ of ``scan``, ``while`` and ``cond`` so a model's own loops benefit too.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.extend import core as jex_core
+
+if TYPE_CHECKING:  # imported where used: jax.extend loads pallas (20 ms of `import hessspec`)
+    from jax.extend import core as jex_core
 
 __all__ = ["canonical_conv", "canonical_convolutions", "use_canonical_convolutions"]
 
@@ -78,6 +80,8 @@ def _rewrite_closed(closed: jex_core.ClosedJaxpr) -> jex_core.ClosedJaxpr:
 
 def _rewrite_params(params: dict[str, Any]) -> dict[str, Any]:
     """``params`` of a higher-order primitive with each ClosedJaxpr body rewritten."""
+    from jax.extend import core as jex_core
+
     out = {}
     for name, value in params.items():
         if isinstance(value, jex_core.ClosedJaxpr):
@@ -95,6 +99,8 @@ def _rewrite_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def _evaluate(jaxpr: jex_core.Jaxpr, consts, args) -> list[Any]:
     """Evaluate ``jaxpr`` with convolutions in canonical layout."""
+    from jax.extend import core as jex_core
+
     env: dict[Any, Any] = {}
 
     def read(var):

@@ -6,8 +6,12 @@ into ``ceil(N / batch_size)`` consecutive batches, batch ``b`` contributes
 ``(|b| / N) * H_b v`` where ``H_b`` is the Hessian of the batch's MEAN loss, and a ragged
 last batch gets its own, smaller weight. The batch loop runs inside the compiled matvec:
 a ``lax.scan`` (one compiled body for all full batches, one more for a ragged remainder).
-On CPU, convolutions are computed in canonical layout (:mod:`hessspec.curvature.conv_layout`) so
-that they run at full speed inside the scan and inside the solvers' loops.
+On CPU, convolutions are computed in canonical layout (:mod:`hessspec.curvature.conv_layout`)
+so that they run at full speed inside the scan and inside the solvers' loops.
+
+The parameter side (flat vectors, ``wrt=`` blocks) is :mod:`hessspec.curvature.layout`, the
+data side (batches, devices, the weighted sum over batches) :mod:`hessspec.curvature.batching`;
+this module builds the operators from them.
 
 For a loss that does not separate over examples (BatchNorm in train mode: the statistics of
 each batch enter every example's loss) the operator is ``sum_b (|b| / N) Hess L_b`` under
@@ -19,135 +23,30 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from hessspec.curvature.conv_layout import canonical_convolutions, use_canonical_convolutions
+from hessspec.curvature.batching import (
+    BatchLayout,
+    batch_layout,
+    batch_weighted_sum,
+    example_mesh,
+    place,
+    split_batches,
+)
+from hessspec.curvature.layout import FlatLayout, flat_layout, is_array
 from hessspec.linalg.linop import LinearOperator
 
 __all__ = [
-    "BatchLayout",
     "DatasetGradient",
-    "FlatLayout",
-    "batch_layout",
-    "example_mesh",
     "dataset_gradient",
-    "flat_layout",
-    "path_name",
     "ggn_operator",
     "hessian_operator",
 ]
-
-
-class BatchLayout(NamedTuple):
-    """How ``num_examples`` examples are cut into batches.
-
-    Attributes:
-        num_examples: N, the number of examples.
-        batch_size: examples per full batch.
-        num_full_batches: ``N // batch_size``.
-        remainder: ``N - num_full_batches * batch_size`` examples in a ragged last batch (0
-            when ``batch_size`` divides N).
-    """
-
-    num_examples: int
-    batch_size: int
-    num_full_batches: int
-    remainder: int
-
-
-def _num_examples(data: Any) -> int:
-    leaves = jax.tree_util.tree_leaves(data)
-    if not leaves:
-        raise ValueError(
-            "data is empty: pass a pytree of arrays whose leading axis indexes examples."
-        )
-    sizes = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(data):
-        shape = np.shape(leaf)
-        if len(shape) == 0:
-            raise ValueError(
-                f"data leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs a leading "
-                "axis that indexes examples."
-            )
-        sizes[jax.tree_util.keystr(path) or "data"] = shape[0]
-    if len(set(sizes.values())) != 1:
-        listing = ", ".join(f"{k}: {v}" for k, v in sizes.items())
-        raise ValueError(
-            f"data leaves disagree on the number of examples (leading axis): {listing}. "
-            "Every leaf must have the same leading dimension."
-        )
-    n = next(iter(sizes.values()))
-    if n < 1:
-        raise ValueError("data has 0 examples.")
-    return int(n)
-
-
-def batch_layout(data: Any, batch_size: int | None) -> BatchLayout:
-    """Validate ``data`` and ``batch_size`` and return the :class:`BatchLayout`.
-
-    Raises:
-        ValueError: leaves disagree on the leading axis, no examples, or a batch_size that is
-            not a positive integer.
-    """
-    n = _num_examples(data)
-    if batch_size is None:
-        batch_size = n
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
-    batch_size = min(int(batch_size), n)
-    return BatchLayout(n, batch_size, n // batch_size, n % batch_size)
-
-
-def example_mesh(devices: Any = None) -> Mesh | None:
-    """A one-axis ``Mesh`` named ``"examples"`` over ``devices`` (default: all of
-    ``jax.devices()``, every process's included), or None for a single device."""
-    devices = jax.devices() if devices is None else list(devices)
-    if len(devices) < 1:
-        raise ValueError("devices is empty: pass None (all devices) or a list of jax devices.")
-    if len(devices) == 1:
-        return None
-    return Mesh(np.array(devices), ("examples",))
-
-
-def _place(array: np.ndarray, mesh: Mesh | None, example_axis: int | None):
-    """Put a host array on the mesh, sharded along ``example_axis`` where the mesh size divides
-    it (data parallel; XLA does the reduction), replicated otherwise."""
-    if mesh is None:
-        return jnp.asarray(array)
-    spec = P()
-    if example_axis is not None and array.shape[example_axis] % mesh.size == 0:
-        spec = P(*([None] * example_axis + ["examples"]))
-    return jax.make_array_from_callback(
-        array.shape, NamedSharding(mesh, spec), lambda index: array[index]
-    )
-
-
-def _split_batches(data: Any, layout: BatchLayout, mesh: Mesh | None) -> tuple[Any, Any]:
-    """Return (full batches stacked as (num_full_batches, batch_size, ...), ragged remainder),
-    each sharded over ``mesh`` along its example axis."""
-    cut = layout.num_full_batches * layout.batch_size
-
-    def full(a):
-        a = np.asarray(a)[:cut]
-        return _place(
-            a.reshape((layout.num_full_batches, layout.batch_size) + a.shape[1:]), mesh, 1
-        )
-
-    full_batches = jax.tree_util.tree_map(full, data) if layout.num_full_batches else None
-    remainder = (
-        jax.tree_util.tree_map(lambda a: _place(np.asarray(a)[cut:], mesh, 0), data)
-        if layout.remainder
-        else None
-    )
-    return full_batches, remainder
 
 
 def _check_finite(tree: Any, what: str) -> None:
@@ -160,187 +59,6 @@ def _check_finite(tree: Any, what: str) -> None:
                 f"entries; the Hessian would be NaN. Fix the {what} (e.g. a diverged training "
                 "run or missing values in the data) before building the operator."
             )
-
-
-def _is_array(leaf: Any) -> bool:
-    return isinstance(leaf, jax.Array | np.ndarray | np.generic | float | int) and not isinstance(
-        leaf, bool
-    )
-
-
-def path_name(path) -> str:
-    """``"layers/0/w"`` for a JAX key path (dict keys, sequence indices, attributes)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-@dataclasses.dataclass(frozen=True)
-class FlatLayout:
-    """How a parameter pytree maps to one flat vector (``ravel_pytree`` order), or the
-    selected leaves of it (a block): static and hashable by value, so operators of the same
-    parameter structure and block share compiled programs.
-
-    Attributes:
-        treedef: the parameters' pytree structure.
-        shapes: each leaf's shape.
-        dtypes: each leaf's dtype (``unravel`` casts back to them).
-        dtype: the flat vector's dtype (the selected leaves' common floating dtype).
-        selected: per leaf, whether it is in the flat vector (all True without ``wrt``).
-        paths: per leaf, its path as ``"layers/0/w"``.
-    """
-
-    treedef: Any
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[np.dtype, ...]
-    dtype: np.dtype
-    selected: tuple[bool, ...]
-    paths: tuple[str, ...]
-
-    @property
-    def size(self) -> int:
-        return int(
-            sum(math.prod(s) for s, keep in zip(self.shapes, self.selected, strict=True) if keep)
-        )
-
-    @property
-    def is_block(self) -> bool:
-        return not all(self.selected)
-
-    def _chosen(self, leaves):
-        return [x for x, keep in zip(leaves, self.selected, strict=True) if keep]
-
-    def ravel(self, tree: Any) -> jax.Array:
-        """The flat ``(size,)`` vector of a pytree shaped like the parameters (for a block:
-        of its selected leaves), or of a block pytree as :meth:`unravel` returns."""
-        leaves, treedef = jax.tree_util.tree_flatten(tree)
-        chosen_shapes = tuple(self._chosen(self.shapes))
-        if treedef == self.treedef and tuple(np.shape(x) for x in leaves) == self.shapes:
-            leaves = self._chosen(leaves)
-        elif tuple(np.shape(x) for x in leaves) != chosen_shapes:
-            size = sum(int(np.size(x)) for x in leaves)
-            raise ValueError(
-                f"ravel: the pytree ({size} entries, structure {treedef}) is not shaped like "
-                f"the parameters ({self.treedef}) or their block ({self.size} entries); pass "
-                "a pytree shaped like params."
-            )
-        if not leaves:
-            return jnp.zeros((0,), self.dtype)
-        return jnp.concatenate([jnp.ravel(jnp.asarray(x)).astype(self.dtype) for x in leaves])
-
-    def _split(self, flat: jax.Array) -> list:
-        flat = jnp.asarray(flat)
-        if flat.shape != (self.size,):
-            raise ValueError(
-                f"unravel: expected a flat vector of shape ({self.size},), got {flat.shape}."
-            )
-        leaves, offset = [], 0
-        for shape, dtype, keep in zip(self.shapes, self.dtypes, self.selected, strict=True):
-            if not keep:
-                leaves.append(None)
-                continue
-            size = math.prod(shape)
-            leaves.append(flat[offset : offset + size].reshape(shape).astype(dtype))
-            offset += size
-        return leaves
-
-    def unravel(self, flat: jax.Array) -> Any:
-        """The pytree of a flat ``(size,)`` vector: shaped like the parameters, with None in
-        place of the leaves outside a block."""
-        return jax.tree_util.tree_unflatten(self.treedef, self._split(flat))
-
-    def combine(self, flat: jax.Array, fixed: list) -> Any:
-        """The full parameter pytree: the selected leaves from ``flat``, the others from
-        ``fixed`` (their values, in leaf order)."""
-        leaves = self._split(flat)
-        rest = iter(fixed)
-        return jax.tree_util.tree_unflatten(
-            self.treedef, [next(rest) if x is None else x for x in leaves]
-        )
-
-
-def _selection(params: Any, wrt: Any, paths: list[str]) -> tuple[bool, ...]:
-    """Per leaf of ``params``, whether ``wrt`` selects it (see :func:`hessian_operator`)."""
-    n = len(paths)
-    if wrt is None:
-        return (True,) * n
-    if callable(wrt):
-        chosen = tuple(bool(wrt(path)) for path in paths)
-    else:
-        try:
-            full = jax.tree_util.tree_map(
-                lambda m, sub: jax.tree_util.tree_map(lambda _: bool(m), sub), wrt, params
-            )
-        except (ValueError, TypeError) as err:
-            raise ValueError(
-                "wrt must be a pytree of bools shaped like params or a prefix of it (optax's "
-                "mask convention), or a predicate on parameter paths such as "
-                f"lambda path: path.startswith('layers/0'); got {type(wrt).__name__} ({err})."
-            ) from None
-        chosen = tuple(bool(x) for x in jax.tree_util.tree_leaves(full))
-    if not any(chosen):
-        raise ValueError(
-            f"wrt selects no parameter; the parameter paths are {', '.join(paths[:12])}"
-            + (" ..." if n > 12 else "")
-            + "."
-        )
-    return chosen
-
-
-def flat_layout(params: Any, wrt: Any = None) -> FlatLayout:
-    """The :class:`FlatLayout` of a parameter pytree (of the block ``wrt`` selects).
-
-    Raises:
-        TypeError: a leaf that is not an array (e.g. a function inside an equinox module),
-            named by its path, with the fix.
-        ValueError: no entries, leaves that are not floating point, or a ``wrt`` that does
-            not fit ``params`` or selects nothing.
-    """
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    bad = [(path, leaf) for path, leaf in with_path if not _is_array(leaf)]
-    if bad:
-        names = ", ".join(
-            f"{jax.tree_util.keystr(path) or '(root)'} ({type(leaf).__name__})"
-            for path, leaf in bad[:5]
-        )
-        raise TypeError(
-            f"params must be a pytree of arrays; these leaves are not: {names}"
-            + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            + ". Pass only the arrays: with equinox, params, static = eqx.partition(model, "
-            "eqx.is_array) and a loss that recombines them (eqx.combine); with flax, the "
-            "parameter collection (variables['params'] or nnx.state(model, nnx.Param))."
-        )
-    leaves = [leaf for _, leaf in with_path]
-    if not leaves or sum(int(np.size(x)) for x in leaves) == 0:
-        raise ValueError("params has no entries: nothing to differentiate.")
-    paths = [path_name(path) for path, _ in with_path]
-    selected = _selection(params, wrt, paths)
-    dtypes = tuple(np.dtype(jnp.result_type(x)) for x in leaves)
-    ints = [
-        name
-        for name, dt, keep in zip(paths, dtypes, selected, strict=True)
-        if keep and not jnp.issubdtype(dt, jnp.floating)
-    ]
-    if ints:
-        raise ValueError(
-            f"params must be floating point; leaves {', '.join(ints[:5])} are not. Keep "
-            "integer state out of the differentiated parameters (or out of wrt)."
-        )
-    chosen = [dt for dt, keep in zip(dtypes, selected, strict=True) if keep]
-    return FlatLayout(
-        treedef=treedef,
-        shapes=tuple(tuple(int(d) for d in np.shape(x)) for x in leaves),
-        dtypes=dtypes,
-        dtype=np.dtype(jnp.result_type(*chosen)),
-        selected=selected,
-        paths=tuple(paths),
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +83,7 @@ def _split_callable(fn: Callable, name: str) -> tuple[_Callable, list]:
     leaves, treedef = jax.tree_util.tree_flatten(fn)
     if len(leaves) == 1 and leaves[0] is fn:
         return _Callable(fn, None), []
-    bad = [type(x).__name__ for x in leaves if not _is_array(x)]
+    bad = [type(x).__name__ for x in leaves if not is_array(x)]
     if bad:
         raise TypeError(
             f"{name} is a pytree with non-array leaves ({', '.join(bad[:3])}); its leaves "
@@ -395,14 +113,32 @@ def _check_scalar_loss(loss_fn: Callable, params: Any, batch: Any, name: str) ->
 
 
 class _Prepared(NamedTuple):
+    """Parameters and data validated and placed on the devices, ready for an operator.
+
+    Attributes:
+        flat_params: ``(dim,)`` the selected parameter leaves as one flat vector.
+        fixed: the parameter leaves outside the block, in leaf order.
+        layout: the parameters' :class:`~hessspec.curvature.layout.FlatLayout`.
+        batches: the :class:`~hessspec.curvature.batching.BatchLayout`.
+        full_batches: the full batches stacked along a leading axis (None without any).
+        remainder: the ragged last batch (None without one).
+        first_batch: one batch, to check the loss on.
+        platform: the devices' platform (``"cpu"``, ``"gpu"``, ...).
+    """
+
     flat_params: jax.Array
-    fixed: list  # the parameter leaves outside the block (on the devices)
+    fixed: list
     layout: FlatLayout
     batches: BatchLayout
     full_batches: Any
     remainder: Any
     first_batch: Any
     platform: str
+
+    def operand(self, function_leaves: Any) -> tuple:
+        """The operand of an apply: ``(flat_params, fixed_leaves, function_leaves,
+        (full_batches, remainder))``."""
+        return (self.flat_params, self.fixed, function_leaves, (self.full_batches, self.remainder))
 
 
 def _prepare(
@@ -413,14 +149,14 @@ def _prepare(
     _check_finite(data, "data")
     batches = batch_layout(data, batch_size)
     mesh = example_mesh(devices)
-    full_batches, remainder = _split_batches(data, batches, mesh)
+    full_batches, remainder = split_batches(data, batches, mesh)
     leaves = jax.tree_util.tree_leaves(params)
     flat = np.concatenate(
-        [np.ravel(np.asarray(x)).astype(layout.dtype) for x in layout._chosen(leaves)]
+        [np.ravel(np.asarray(x)).astype(layout.dtype) for x in layout.select(leaves)]
     )
-    flat_params = _place(flat, mesh, None)
+    flat_params = place(flat, mesh, None)
     fixed = [
-        _place(np.asarray(x), mesh, None)
+        place(np.asarray(x), mesh, None)
         for x, keep in zip(leaves, layout.selected, strict=True)
         if not keep
     ]
@@ -432,41 +168,15 @@ def _prepare(
     return _Prepared(flat_params, fixed, layout, batches, full_batches, remainder, first, platform)
 
 
-def _batch_weighted_sum(
-    per_batch: Callable, operand_batches: tuple[Any, Any], layout: BatchLayout, platform: str
-):
-    """``sum_b (|b| / N) per_batch(batch_b)``: one ``lax.scan`` over the full batches (one
-    compiled body), then the ragged remainder.
-
-    On CPU ``per_batch`` runs with :func:`hessspec.curvature.conv_layout.canonical_convolutions`,
-    so its
-    convolutions stay fast inside the scan and inside the solvers' loops (JAX #12868).
-    """
-    full_batches, remainder = operand_batches
-    if use_canonical_convolutions(platform):
-        per_batch = canonical_convolutions(per_batch)
-    n = layout.num_examples
-    total = None
-    if layout.num_full_batches:
-        if layout.num_full_batches == 1:
-            summed = per_batch(jax.tree_util.tree_map(lambda a: a[0], full_batches))
-        else:
-
-            def body(acc, batch):
-                return jax.tree_util.tree_map(jnp.add, acc, per_batch(batch)), None
-
-            first = jax.tree_util.tree_map(lambda a: a[0], full_batches)
-            shape = jax.eval_shape(per_batch, first)
-            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
-            summed, _ = jax.lax.scan(body, zeros, full_batches)
-        w = layout.batch_size / n
-        total = jax.tree_util.tree_map(lambda s: s * jnp.asarray(w, s.dtype), summed)
-    if layout.remainder:
-        out = per_batch(remainder)
-        w = layout.remainder / n
-        out = jax.tree_util.tree_map(lambda s: s * jnp.asarray(w, s.dtype), out)
-        total = out if total is None else jax.tree_util.tree_map(jnp.add, total, out)
-    return total
+def _prepare_loss(
+    loss_fn: Callable, params: Any, data: Any, batch_size: int | None, devices: Any, wrt: Any
+) -> tuple[_Callable, list, _Prepared]:
+    """``loss_fn`` split into its static part and array leaves, and the prepared parameters
+    and data, the loss checked to be a float scalar on the first batch."""
+    static, loss_leaves = _split_callable(loss_fn, "loss_fn")
+    prep = _prepare(params, data, batch_size, devices, wrt)
+    _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
+    return static, loss_leaves, prep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,7 +199,7 @@ class _HessianApply:
             grad_flat = jax.grad(lambda p: loss_fn(combine(p, fixed), batch))
             return jax.jvp(grad_flat, (flat_params,), (v.astype(flat_params.dtype),))[1]
 
-        return _batch_weighted_sum(hvp_on, batches, self.batches, self.platform)
+        return batch_weighted_sum(hvp_on, batches, self.batches, self.platform)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -520,7 +230,7 @@ class _GGNApply:
             _, vjp = jax.vjp(outputs, flat_params)
             return vjp(h_jv)[0]
 
-        return _batch_weighted_sum(ggn_on, batches, self.batches, self.platform)
+        return batch_weighted_sum(ggn_on, batches, self.batches, self.platform)
 
 
 def _operator(apply: Callable, operand: Any, prep: _Prepared, name: str) -> LinearOperator:
@@ -601,17 +311,9 @@ def hessian_operator(
             NaN/Inf in params or data, a ``wrt`` that does not fit or selects nothing.
         TypeError: non-array leaves in params (named, with the fix).
     """
-    static, loss_leaves = _split_callable(loss_fn, "loss_fn")
-    prep = _prepare(params, data, batch_size, devices, wrt)
-    _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
+    static, loss_leaves, prep = _prepare_loss(loss_fn, params, data, batch_size, devices, wrt)
     apply = _HessianApply(static, prep.layout, prep.batches, prep.platform)
-    operand = (
-        prep.flat_params,
-        prep.fixed,
-        loss_leaves,
-        (prep.full_batches, prep.remainder),
-    )
-    return _operator(apply, operand, prep, "Hessian")
+    return _operator(apply, prep.operand(loss_leaves), prep, "Hessian")
 
 
 def ggn_operator(
@@ -650,13 +352,7 @@ def ggn_operator(
         lambda p, b: output_loss_fn(model_fn(p, b), b), params, prep.first_batch, "output_loss_fn"
     )
     apply = _GGNApply(model_static, out_static, prep.layout, prep.batches, prep.platform)
-    operand = (
-        prep.flat_params,
-        prep.fixed,
-        (model_leaves, out_leaves),
-        (prep.full_batches, prep.remainder),
-    )
-    return _operator(apply, operand, prep, "Gauss-Newton")
+    return _operator(apply, prep.operand((model_leaves, out_leaves)), prep, "Gauss-Newton")
 
 
 class DatasetGradient(NamedTuple):
@@ -688,7 +384,7 @@ class _GradientFn:
         def on(batch):
             return jax.value_and_grad(lambda p: loss_fn(combine(p, fixed), batch))(flat_params)
 
-        return _batch_weighted_sum(on, batches, self.batches, self.platform)
+        return batch_weighted_sum(on, batches, self.batches, self.platform)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -711,11 +407,7 @@ def dataset_gradient(
     ``batch_size`` and ``wrt`` (the block's part of it), so gradient-energy fractions use
     consistent objects. The compiled program is shared across calls as the operators' are.
     """
-    static, loss_leaves = _split_callable(loss_fn, "loss_fn")
-    prep = _prepare(params, data, batch_size, devices, wrt)
-    _check_scalar_loss(loss_fn, params, prep.first_batch, "loss_fn")
+    static, loss_leaves, prep = _prepare_loss(loss_fn, params, data, batch_size, devices, wrt)
     fn = _GradientFn(static, prep.layout, prep.batches, prep.platform)
-    loss, grad = _dataset_gradient(
-        fn, (prep.flat_params, prep.fixed, loss_leaves, (prep.full_batches, prep.remainder))
-    )
+    loss, grad = _dataset_gradient(fn, prep.operand(loss_leaves))
     return DatasetGradient(loss, grad)

@@ -15,21 +15,18 @@ from __future__ import annotations
 import dataclasses
 import operator
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import scipy.linalg
-from tqdm.auto import tqdm
 
 from hessspec.linalg.krylov import (
     RESOLUTION_FACTOR,
-    KrylovRunner,
     basis_rows,
     check_basis_memory,
-    check_finite,
     resolution_tolerance,
 )
+from hessspec.linalg.krylov_runner import KrylovRunner, check_finite
 from hessspec.linalg.linop import LinearOperator, as_operator
 from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
 from hessspec.linalg.memory import check_call
@@ -73,6 +70,8 @@ def gaussian_quadrature(
     Returns:
         ``(nodes, weights)``, each ``(..., m)`` float64.
     """
+    import scipy.linalg  # deferred: a fifth of a second of `import hessspec`
+
     alphas = np.asarray(alphas, dtype=np.float64)
     betas = np.asarray(betas, dtype=np.float64)
     m = alphas.shape[-1]
@@ -110,13 +109,14 @@ def gaussian_quadrature(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SpectralDensity:
-    """Probe-wise Gaussian quadratures of the spectral measure, and their smoothing.
+    """Probe-wise Gaussian quadratures of the spectral measure, and their smoothing; the
+    output of :func:`spectral_density` (NumPy arrays on the host).
 
     Attributes:
-        nodes: ``(num_probes, num_steps)`` quadrature nodes (Ritz values), ascending per
-            probe; entries past a probe's ``num_steps_done`` have weight 0.
-        weights: ``(num_probes, num_steps)`` weights; each row sums to 1.
-        num_steps_done: ``(num_probes,)`` valid Lanczos steps per probe (``< num_steps``
+        nodes: ``(num_probes, num_steps)`` float64 quadrature nodes (Ritz values), ascending
+            per probe; entries past a probe's ``num_steps_done`` have weight 0.
+        weights: ``(num_probes, num_steps)`` float64 weights; each row sums to 1.
+        num_steps_done: ``(num_probes,)`` int64 valid Lanczos steps per probe (``< num_steps``
             only where the Krylov space became invariant).
         dim: the operator's dimension ``n``.
     """
@@ -208,12 +208,69 @@ class SpectralResolutionWarning(UserWarning):
     """SLQ probes stopped early because the matvec could not resolve more of the spectrum."""
 
 
+class _ProbeTridiagonals(NamedTuple):
+    """The Lanczos tridiagonals of the SLQ probes (host arrays, ``P`` probes, ``m`` steps).
+
+    Attributes:
+        alphas: ``(P, m)`` diagonals; zero past a probe's ``done``.
+        betas: ``(P, m - 1)`` off-diagonals; zero past ``done - 1``.
+        done: ``(P,)`` int64 valid steps per probe.
+        unresolved: ``(probe, steps, scale)`` of each probe with steps below the matvec's
+            resolution (see :data:`hessspec.linalg.krylov.RESOLUTION_FACTOR`).
+    """
+
+    alphas: np.ndarray
+    betas: np.ndarray
+    done: np.ndarray
+    unresolved: list[tuple[int, int, float]]
+
+
+def _probe_tridiagonals(
+    runner: KrylovRunner, num_probes: int, num_steps: int, *, progress: bool
+) -> _ProbeTridiagonals:
+    """``num_steps`` Lanczos steps from each of ``num_probes`` Rademacher probes (one after
+    another on the runner's basis, each starting over at row 0), stopping at breakdown."""
+    from tqdm.auto import tqdm
+
+    alphas = np.zeros((num_probes, num_steps))
+    betas = np.zeros((num_probes, max(num_steps - 1, 0)))
+    done = np.zeros(num_probes, np.int64)
+    unresolved = []
+    for p in tqdm(range(num_probes), desc="slq", disable=not progress, leave=False):
+        runner.lanczos(0, num_steps, stop_at_breakdown=True, start=runner.rademacher())
+        proj = runner.projected()
+        check_finite(proj.coef)
+        steps = done[p] = proj.steps_done
+        alphas[p, :steps] = np.diagonal(proj.coef)[:steps]
+        betas[p, : max(steps - 1, 0)] = np.diagonal(proj.coef, 1)[: max(steps - 1, 0)]
+        count = int(runner.state.unresolved)
+        if count:
+            unresolved.append((p, count, float(runner.state.scale)))
+    return _ProbeTridiagonals(alphas, betas, done, unresolved)
+
+
+def _check_sizes(num_probes, num_steps, n: int) -> tuple[int, int]:
+    num_probes = operator.index(num_probes)
+    num_steps = operator.index(num_steps)
+    if num_probes < 1:
+        raise ValueError(f"spectral_density: num_probes={num_probes} must be at least 1.")
+    if num_steps < 1:
+        raise ValueError(f"spectral_density: num_steps={num_steps} must be at least 1.")
+    if num_steps > n:
+        raise ValueError(
+            f"spectral_density: num_steps={num_steps} exceeds the operator's dim={n}; a "
+            f"Krylov space has at most dim dimensions, use num_steps <= {n} (num_steps = dim "
+            "gives the exact spectrum)."
+        )
+    return num_probes, num_steps
+
+
 def spectral_density(
     op: LinearOperator | Any,
     num_probes: int = 10,
     num_steps: int = 90,
-    key: jax.Array | None = None,
     *,
+    key: jax.Array | None = None,
     dim: int | None = None,
     basis_dtype: Any = None,
     basis_memory: str = "device",
@@ -268,19 +325,7 @@ def spectral_density(
         FloatingPointError: the matvec produced NaN/Inf.
     """
     op = as_operator(op, dim)
-    n = op.dim
-    num_probes = operator.index(num_probes)
-    num_steps = operator.index(num_steps)
-    if num_probes < 1:
-        raise ValueError(f"spectral_density: num_probes={num_probes} must be at least 1.")
-    if num_steps < 1:
-        raise ValueError(f"spectral_density: num_steps={num_steps} must be at least 1.")
-    if num_steps > n:
-        raise ValueError(
-            f"spectral_density: num_steps={num_steps} exceeds the operator's dim={n}; a "
-            f"Krylov space has at most dim dimensions, use num_steps <= {n} (num_steps = dim "
-            "gives the exact spectrum)."
-        )
+    num_probes, num_steps = _check_sizes(num_probes, num_steps, op.dim)
     bdt = resolve_basis_dtype(op.dtype, basis_dtype)
     host = check_basis_memory(basis_memory, "spectral_density")
     check_call(
@@ -292,24 +337,11 @@ def spectral_density(
         basis_memory=basis_memory,
     )
     runner = KrylovRunner(op, basis_rows(num_steps), basis_dtype=bdt, host=host, key=key)
-    alphas = np.zeros((num_probes, num_steps))
-    betas = np.zeros((num_probes, max(num_steps - 1, 0)))
-    done = np.zeros(num_probes, np.int64)
-    unresolved = []
-    for p in tqdm(range(num_probes), desc="slq", disable=not progress, leave=False):
-        runner.lanczos(0, num_steps, stop_at_breakdown=True, start=runner.rademacher())
-        coef, _, _, steps = runner.projected()
-        check_finite(coef)
-        done[p] = steps
-        alphas[p, :steps] = np.diagonal(coef)[:steps]
-        betas[p, : max(steps - 1, 0)] = np.diagonal(coef, 1)[: max(steps - 1, 0)]
-        count = int(runner.state.unresolved)
-        if count:
-            unresolved.append((p, count, float(runner.state.scale)))
-    if unresolved and np.finfo(op.dtype).eps > 1e-10:
-        _warn_resolution(unresolved, op.dtype)
-    nodes, weights = gaussian_quadrature(alphas, betas, done)
-    return SpectralDensity(nodes=nodes, weights=weights, num_steps_done=done, dim=n)
+    probes = _probe_tridiagonals(runner, num_probes, num_steps, progress=progress)
+    if probes.unresolved and np.finfo(op.dtype).eps > 1e-10:
+        _warn_resolution(probes.unresolved, op.dtype)
+    nodes, weights = gaussian_quadrature(probes.alphas, probes.betas, probes.done)
+    return SpectralDensity(nodes=nodes, weights=weights, num_steps_done=probes.done, dim=op.dim)
 
 
 def _warn_resolution(unresolved, op_dtype) -> None:

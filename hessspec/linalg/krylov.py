@@ -1,30 +1,32 @@
 """The Krylov engine: one compiled matvec loop shared by every solver.
 
-Lanczos (:func:`hessspec.top_eigenpairs`, :func:`hessspec.lanczos_tridiag`), stochastic Lanczos
-quadrature (:func:`hessspec.spectral_density`) and Hutch++ (:func:`hessspec.linalg.trace`) all run
-the
-same compiled program, :func:`_engine`: a ``lax.while_loop`` whose body takes one vector ``x``,
-computes ``w = A x`` with the operator's matvec, and does one of three things with it. What
-the program depends on is the operator's *structure* (its ``apply``, hashable by value, and
-the shapes and dtypes of its operand) and the number of basis rows ``M`` -- never ``k``,
-``which``, the number of probes or of matvecs, nor the operator's values. Everything else
-(where to start and stop, which vector, which action, coefficients) is a traced argument. So
-a process compiles the program once per operator structure and basis size, and a Hessian of
-the same loss at the next checkpoint, another ``k``, the smallest end, another probe count
-or a trace reuse it.
+Lanczos (:func:`hessspec.top_eigenpairs`, :func:`hessspec.lanczos_tridiag`), stochastic
+Lanczos quadrature (:func:`hessspec.spectral_density`) and Hutch++
+(:func:`hessspec.linalg.trace`) all run the same compiled program, :func:`engine`: a
+``lax.while_loop`` whose body takes one vector ``x``, computes ``w = A x`` with the operator's
+matvec, and does one of three things with it. What the program depends on is the operator's
+*structure* (its ``apply``, hashable by value, and the shapes and dtypes of its operand) and
+the number of basis rows ``M`` -- never ``k``, ``which``, the number of probes or of
+matvecs, nor the operator's values. Everything else (where to start and stop, which vector,
+which action, coefficients) is a traced argument (:class:`KrylovPass`). So a process
+compiles the program once per operator structure and basis size, and a Hessian of the same
+loss at the next checkpoint, another ``k``, the smallest end, another probe count or a
+trace reuse it. The host side (:class:`hessspec.linalg.krylov_runner.KrylovRunner`) draws
+the random vectors and calls the programs.
 
 Per loop iteration ``i`` in ``[lo, hi)``:
 
-* source of ``x`` (:class:`KrylovPass.source`): the current Lanczos vector (carried),
-  row ``i`` of the basis, or a Rademacher probe ``z_i`` (``+-1`` entries, drawn from
-  ``fold_in(key, i)``), optionally projected off the basis rows, ``z - V^T V z``;
+* source of ``x`` (:attr:`KrylovPass.source`): the carried vector (the current Lanczos
+  vector, or at ``lo`` a prepared one: a given vector such as a Rademacher probe, the
+  residual ``f`` or a basis row, optionally projected off rows ``0..lo-1``,
+  ``z - V^T V z``), or row ``i`` of the basis;
 * action: a Lanczos step (three-term recurrence, Gram-Schmidt against the stored basis,
   breakdown handling, the new row written in place), row statistics (``<x, A x>`` and
   ``||A x - theta_i x||``), or orthonormalize ``A x`` against the stored rows and store it
   at row ``i`` (the range finder of Hutch++).
 
-Around it, small programs without a matvec: :func:`_zero_state` allocates, :func:`_restart`
-performs a thick restart ``V <- S^T V`` (Wu & Simon 2000), :func:`_read_row` reads a row. The
+Around it, small programs without a matvec: :func:`zero_state` allocates, :func:`thick_restart`
+performs a thick restart ``V <- S^T V`` (Wu & Simon 2000), :func:`read_row` reads a row. The
 restart is separate so that the engine's memory does not include its temporary copy of the
 basis. Nothing is ever cleared: every pass reads only the rows it has written (rows beyond
 the Krylov front are masked out of Gram-Schmidt), so SLQ starts each probe over at row 0.
@@ -48,32 +50,26 @@ Kaufman & Stewart 1976), at most :data:`MAX_GS_PASSES`.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from hessspec.linalg.linop import LinearOperator, matvec, solver_dtype
+from hessspec.linalg.linop import matvec
 
 __all__ = [
     "BASIS_MEMORIES",
-    "DEFAULT_SEED",
     "BREAKDOWN_FACTOR",
     "DGKS_RATIO",
     "MIN_BASIS_ROWS",
-    "KrylovRunner",
+    "RESOLUTION_FACTOR",
+    "KrylovPass",
+    "KrylovState",
     "basis_rows",
     "breakdown_tolerance",
     "check_basis_memory",
     "resolution_tolerance",
-    "check_finite",
-    "default_key",
-    "device_of",
 ]
-
-DEFAULT_SEED = 0
-"""Seed of the key used when ``key=None``: ``jax.random.key(0)`` (results are reproducible)."""
 
 MIN_BASIS_ROWS = 128
 """Fewest rows of a basis. Every default (top-k Lanczos for ``k`` up to 54, 90-step SLQ,
@@ -148,34 +144,6 @@ def check_basis_memory(basis_memory: str, caller: str) -> bool:
             "Krylov basis in host memory to save device memory)."
         )
     return basis_memory == "host"
-
-
-def default_key(key):
-    """``key``, or ``jax.random.key(DEFAULT_SEED)`` for None."""
-    return jax.random.key(DEFAULT_SEED) if key is None else key
-
-
-def check_finite(*arrays: Any) -> None:
-    """Raise ``FloatingPointError`` if any array holds NaN or Inf (a matvec went bad)."""
-    for a in arrays:
-        if not np.all(np.isfinite(np.asarray(a))):
-            raise FloatingPointError(
-                "the Hessian-vector product (matvec) is not finite: NaN or Inf appeared in "
-                "the Krylov iteration. Check the parameters and the data for NaN/Inf (and "
-                "the loss for overflow, e.g. log of 0)."
-            )
-
-
-def device_of(op: LinearOperator):
-    """The first device holding the operator's data (None: jax's default device)."""
-    for leaf in jax.tree_util.tree_leaves(op.operand):
-        devices = getattr(leaf, "devices", None)
-        if callable(devices):
-            try:
-                return sorted(devices(), key=lambda d: d.id)[0]
-            except Exception:  # noqa: BLE001 - tracers, deleted arrays: fall back
-                return None
-    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -482,7 +450,7 @@ def _iteration(carry: _Carry, ctl: KrylovPass, apply, op_dtype, operand) -> _Car
     donate_argnames=("state",),
     compiler_options=COMPILER_OPTIONS,
 )
-def _engine(apply, op_dtype, operand, state: KrylovState, ctl: KrylovPass) -> KrylovState:
+def engine(apply, op_dtype, operand, state: KrylovState, ctl: KrylovPass) -> KrylovState:
     """Iterations ``ctl.lo .. ctl.hi - 1`` (see :class:`KrylovPass`). One compiled program
     per ``apply``, operand structure and basis shape."""
     sdt = state.coef.dtype
@@ -510,7 +478,7 @@ def _engine(apply, op_dtype, operand, state: KrylovState, ctl: KrylovPass) -> Kr
     static_argnames=("rows", "dim", "sdt", "bdt", "count", "host"),
     compiler_options=SMALL_PROGRAM_OPTIONS,
 )
-def _zero_state(rows, dim, sdt, bdt, count, host) -> KrylovState:
+def zero_state(rows, dim, sdt, bdt, count, host) -> KrylovState:
     basis = jnp.zeros((count, rows // count, dim), bdt)
     if host:
         basis = jax.device_put(basis, jax.memory.Space.Host)
@@ -531,7 +499,7 @@ def _zero_state(rows, dim, sdt, bdt, count, host) -> KrylovState:
 
 
 @partial(jax.jit, donate_argnames=("state",), compiler_options=SMALL_PROGRAM_OPTIONS)
-def _restart(state: KrylovState, coeffs, values, keep, lost) -> KrylovState:
+def thick_restart(state: KrylovState, coeffs, values, keep, lost) -> KrylovState:
     """Thick restart: rows ``0..keep-1`` become ``Y = S^T V`` (``S = coeffs`` ``(M, M)``, zero
     beyond column ``keep``), later rows zero; the projected matrix ``diag(values[:keep])``,
     ``lost`` the given per-row bounds. ``f`` stays (the next pass may continue from it)."""
@@ -556,170 +524,5 @@ def _restart(state: KrylovState, coeffs, values, keep, lost) -> KrylovState:
 
 
 @partial(jax.jit, compiler_options=SMALL_PROGRAM_OPTIONS)
-def _read_row(basis, i):
+def read_row(basis, i):
     return _get_row(basis, i)
-
-
-# ---------------------------------------------------------------------------------------
-# the host-side driver
-
-
-def numpy_generator(key) -> np.random.Generator:
-    """A NumPy generator seeded by a JAX PRNG key (None: :data:`DEFAULT_SEED`): the solvers
-    draw their random vectors on the host, so no random-number program is compiled."""
-    if key is None:
-        return np.random.default_rng(DEFAULT_SEED)
-    data = np.asarray(jax.random.key_data(key), dtype=np.uint32).ravel()
-    return np.random.default_rng([int(d) for d in data])
-
-
-class KrylovRunner:
-    """One solver run's basis and the calls of the compiled programs on it.
-
-    Args:
-        op: the operator.
-        rows: basis rows ``M`` (use :func:`basis_rows`).
-        basis_dtype: dtype of the stored basis.
-        host: keep the basis in host memory.
-        key: PRNG key of the run (seeds the host generator of probes and start vectors);
-            None for the default seed.
-    """
-
-    def __init__(self, op: LinearOperator, rows: int, *, basis_dtype, host: bool, key):
-        self.op = op
-        self.rows = int(rows)
-        self.sdt = solver_dtype(op.dtype)
-        self.rng = numpy_generator(key)
-        self.breakdown_tol = breakdown_tolerance(op.dtype)
-        self.resolution_tol = resolution_tolerance(op.dtype)
-        self.state = _zero_state(
-            self.rows, op.dim, self.sdt, np.dtype(basis_dtype), num_blocks(self.rows, op.dim), host
-        )
-        self._zeros_n = jax.device_put(np.zeros(op.dim, self.sdt))
-        self.noise = jnp.asarray(self.rng.standard_normal(op.dim).astype(self.sdt))
-        self._no_values = np.zeros(self.rows, self.sdt)
-
-    def rademacher(self) -> np.ndarray:
-        """A fresh ``(n,)`` vector of independent ``+-1`` entries (solver dtype)."""
-        return self.rng.choice(np.array([-1.0, 1.0], self.sdt), size=self.op.dim)
-
-    def restart(self, coeffs, values, keep: int, *, lost=None) -> None:
-        """Thick restart keeping ``keep`` Ritz vectors ``coeffs[:, i]`` (``(m, keep)``, host
-        arrays) with Ritz values ``values``; the next pass prepares the continuation."""
-        s = np.zeros((self.rows, self.rows), self.sdt)
-        s[: coeffs.shape[0], :keep] = coeffs[:, :keep]
-        vals = np.zeros(self.rows, self.sdt)
-        vals[:keep] = values[:keep]
-        lost_rows = np.zeros(self.rows, self.sdt)
-        if lost is not None:
-            lost_rows[:keep] = lost[:keep]
-        self.state = _restart(self.state, s, vals, np.int32(keep), lost_rows)
-
-    def _run(
-        self,
-        lo: int,
-        hi: int,
-        *,
-        source=SOURCE_CARRIED,
-        action=ACTION_LANCZOS,
-        prepare=None,
-        vector=None,
-        passes=2,
-        normalize=True,
-        store=True,
-        values=None,
-        stop=False,
-    ) -> None:
-        """One engine call; ``prepare`` is None (no preparation), ``"row"``, ``"given"``
-        (``vector``) or ``"residual"``."""
-        source_code = {"row": PREPARE_ROW, "given": PREPARE_GIVEN, "residual": PREPARE_RESIDUAL}
-        ctl = KrylovPass(
-            source=np.int32(source),
-            action=np.int32(action),
-            lo=np.int32(lo),
-            hi=np.int32(hi),
-            prepare=np.bool_(prepare is not None),
-            prepare_source=np.int32(source_code.get(prepare, PREPARE_ROW)),
-            prepare_passes=np.int32(passes),
-            prepare_normalize=np.bool_(normalize),
-            prepare_store=np.bool_(store),
-            vector=self._zeros_n if vector is None else vector,
-            noise=self.noise,
-            values=self._no_values if values is None else values,
-            stop_at_breakdown=np.bool_(stop),
-            breakdown_tol=np.asarray(self.breakdown_tol, self.sdt),
-            resolution_tol=np.asarray(self.resolution_tol, self.sdt),
-        )
-        self.state = _engine(self.op.apply, self.op.dtype, self.op.operand, self.state, ctl)
-
-    def lanczos(self, lo: int, hi: int, *, stop_at_breakdown: bool, start=None) -> None:
-        """Lanczos steps ``lo .. hi - 1``. ``start``: None continues from row ``lo``; a
-        vector (``(n,)``), ``"random"`` or ``"residual"`` (``f``) is first orthonormalized
-        against rows ``0..lo-1`` and placed at row ``lo``."""
-        if start is None:
-            self._run(lo, hi, stop=stop_at_breakdown)
-            return
-        if isinstance(start, str) and start == "residual":
-            self._run(lo, hi, prepare="residual", stop=stop_at_breakdown)
-            return
-        vector = self.rademacher() if isinstance(start, str) and start == "random" else start
-        self._run(lo, hi, prepare="given", vector=vector, stop=stop_at_breakdown)
-
-    def row_stats(self, lo: int, hi: int, values) -> tuple[np.ndarray, np.ndarray]:
-        """``(<y_i, A y_i>, ||A y_i - values_i y_i||)`` for basis rows ``i = lo .. hi - 1``."""
-        vals = np.zeros(self.rows, self.sdt)
-        vals[lo:hi] = values
-        self._run(lo, hi, source=SOURCE_ROW, action=ACTION_STATS, values=vals)
-        return self.stats(hi - lo)
-
-    def quadratic_form(self, vector, *, project_rows: int = 0) -> float:
-        """``z^T A z`` for ``z = vector`` projected off basis rows ``0..project_rows-1``
-        (one Gram-Schmidt pass; none for 0)."""
-        self._run(
-            project_rows,
-            project_rows + 1,
-            action=ACTION_STATS,
-            prepare="given",
-            vector=vector,
-            passes=1 if project_rows else 0,
-            normalize=False,
-            store=False,
-        )
-        return float(self.stats(1)[0][0])
-
-    def store_range(self, row: int, vector) -> float:
-        """Row ``row`` = ``A z`` orthonormalized against rows ``0..row-1``; returns its norm
-        after Gram-Schmidt (0 where ``A z`` lies in their span: the row is then zero)."""
-        self._run(
-            row,
-            row + 1,
-            action=ACTION_STORE,
-            prepare="given",
-            vector=vector,
-            passes=0,
-            normalize=False,
-            store=False,
-        )
-        return float(self.stats(1)[0][0])
-
-    def stats(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        quad = np.asarray(self.state.quad, np.float64)[:count]
-        misfit = np.asarray(self.state.misfit, np.float64)[:count]
-        return quad, misfit
-
-    def projected(self):
-        """``(coef, f_norm, lost, steps_done)`` on the host (float64)."""
-        st = self.state
-        return (
-            np.asarray(st.coef, np.float64),
-            float(st.residual_norm),
-            np.asarray(st.lost, np.float64),
-            int(st.steps_done),
-        )
-
-    def rows_on_host(self, count: int, dtype=np.float64) -> np.ndarray:
-        """Basis rows ``0..count-1`` as a ``(count, n)`` NumPy array of ``dtype``."""
-        out = np.empty((count, self.op.dim), dtype)
-        for i in range(count):
-            out[i] = np.asarray(_read_row(self.state.basis, np.int32(i)), dtype)
-        return out

@@ -7,10 +7,34 @@
 * :func:`lanczos_tridiag` is the plain iteration from a given vector: the basis and the
   tridiagonal ``T = V^T A V``.
 
-Both run on :mod:`hessspec.linalg.krylov`'s compiled engine: one program per operator structure and
+Both run on :mod:`hessspec.linalg.krylov`'s compiled engine through a
+:class:`~hessspec.linalg.krylov_runner.KrylovRunner`: one program per operator structure and
 basis size, reused for every ``k``, ``which``, start vector, key, and for the operator of the
 same loss at other parameters. The host decides, between compiled segments of steps, from
 the small projected matrix: Ritz values by ``numpy.linalg.eigh``, convergence, restarts.
+
+The thick-restart iteration of :func:`top_eigenpairs`, with ``m = num_steps``:
+
+* **cycle** (:func:`_extend`): Lanczos steps extend an orthonormal basis ``V`` (up to ``m``
+  rows); at checkpoints (after ``k + 2`` steps, then about every half again) the host forms
+  the Rayleigh quotient ``T = V^T A V`` and its Ritz pairs ``(theta_i, V^T s_i)`` with the
+  residual bounds ``||f|| |s_i[last]| + sum_r lost_r |s_i[r]|`` (``f`` the vector after the
+  last step, ``lost_r`` what breakdowns and random continuations dropped). Pair ``i`` passes
+  when its bound is at most ``max(tol |theta_i|, RESIDUAL_FLOOR * eps * ||A||_est)`` (``eps``
+  of the operator's dtype, ``||A||_est`` the largest ``|theta|`` seen): relative to its own
+  eigenvalue, so a large eigenvalue at the other end cannot hide unconverged pairs.
+* **restart** (:func:`_restart`): a cycle that fills ``m`` rows first keeps the best
+  ``p = k + (m - k) // 2`` Ritz vectors and continues from ``f / ||f||`` (from a random
+  vector orthogonal to the basis after a breakdown), so nothing learned about the wanted
+  pairs is discarded. After ``max_restarts`` restarts the pairs still short of their
+  threshold are named in a :class:`LanczosConvergenceWarning` and flagged in ``converged``.
+* **verify** (:func:`_verify`): when every wanted bound passes, the ``k`` Ritz vectors replace
+  the basis and their true residuals ``||A y_i - theta_i y_i||`` are computed with ``k`` real
+  matvecs; they must pass the same test. A single start vector sees one direction per
+  eigenspace, so with ``verify=True`` a converged answer is then checked by continuing from a
+  random vector orthogonal to it: if that reveals eigenvalues the first start vector missed
+  (a second copy of a degenerate outlier) the iteration goes on, otherwise the pairs are
+  returned (about as many extra matvecs as the first convergence took).
 """
 
 from __future__ import annotations
@@ -21,15 +45,9 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
-from hessspec.linalg.krylov import (
-    KrylovRunner,
-    basis_rows,
-    breakdown_tolerance,
-    check_basis_memory,
-    check_finite,
-)
+from hessspec.linalg.krylov import basis_rows, breakdown_tolerance, check_basis_memory
+from hessspec.linalg.krylov_runner import KrylovRunner, check_finite
 from hessspec.linalg.linop import LinearOperator, as_operator, solver_dtype
 from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
 from hessspec.linalg.memory import check_call
@@ -116,15 +134,77 @@ def default_tolerance(op_dtype) -> float:
 
 
 class _Ritz(NamedTuple):
-    """Ritz pairs of the projected matrix after ``steps`` rows, the wanted ``k`` first."""
+    """Ritz pairs of the projected matrix after ``steps`` rows (host arrays, float64).
 
-    theta: np.ndarray  # (steps,) ascending
-    s: np.ndarray  # (steps, steps) eigenvectors of T, columns
-    order: np.ndarray  # indices into theta, wanted end first
-    estimates: np.ndarray  # (k,) residual bounds of the wanted pairs
-    thresholds: np.ndarray  # (k,) what each must reach
+    Attributes:
+        theta: ``(steps,)`` Ritz values, ascending.
+        s: ``(steps, steps)`` eigenvectors of ``T`` as columns (the Ritz vectors are
+            ``V^T s[:, i]``).
+        order: ``(steps,)`` indices into ``theta``, the wanted end first.
+        estimates: ``(k,)`` residual bounds of the wanted pairs.
+        thresholds: ``(k,)`` what each wanted pair's residual must reach.
+        f_norm: ``||f||``, the norm of the vector after the last step.
+        lost: ``(steps,)`` residual parts outside the basis, per row.
+        floor: the absolute residual floor, ``RESIDUAL_FLOOR * eps * ||A||_est`` with the
+            largest ``|theta|`` seen so far.
+    """
+
+    theta: np.ndarray
+    s: np.ndarray
+    order: np.ndarray
+    estimates: np.ndarray
+    thresholds: np.ndarray
     f_norm: float
-    lost: np.ndarray  # (steps,)
+    lost: np.ndarray
+    floor: float
+
+    @property
+    def passed(self) -> bool:
+        """Every wanted pair's residual bound is below its threshold."""
+        return bool(np.all(self.estimates <= self.thresholds))
+
+
+class _Plan(NamedTuple):
+    """The validated options of one :func:`top_eigenpairs` call.
+
+    Attributes:
+        k: pairs wanted.
+        m: the longest cycle (basis rows used).
+        keep: Ritz vectors a restart keeps, ``p = k + (m - k) // 2`` (at most ``m - 1``).
+        largest: the largest end (else the smallest).
+        tol: relative residual tolerance.
+        max_restarts: restart budget.
+        verify: check a converged answer from a random vector (only where ``m < dim``).
+    """
+
+    k: int
+    m: int
+    keep: int
+    largest: bool
+    tol: float
+    max_restarts: int
+    verify: bool
+
+
+class _Search(NamedTuple):
+    """Where the host loop of :func:`top_eigenpairs` stands between engine calls.
+
+    Attributes:
+        front: basis rows filled (the Krylov front).
+        start: how the next segment starts: None continues from row ``front``;
+            ``"random"``, ``"residual"`` or an ``(n,)`` vector is placed at row ``front``.
+        restarts: thick restarts done.
+        num_matvecs: matvecs spent.
+        floor: the absolute residual floor so far (grows with ``||A||_est``).
+        pending: a converged answer awaiting verification, or None.
+    """
+
+    front: int
+    start: Any
+    restarts: int
+    num_matvecs: int
+    floor: float
+    pending: EigenResult | None
 
 
 def _projected_matrix(coef: np.ndarray, steps: int) -> np.ndarray:
@@ -133,18 +213,20 @@ def _projected_matrix(coef: np.ndarray, steps: int) -> np.ndarray:
     return t + np.tril(t, -1).T
 
 
-def _ritz(runner: KrylovRunner, steps: int, k: int, largest: bool, tol: float, floor: float):
-    """Ritz pairs, estimates and per-pair thresholds after ``steps`` rows; ``floor`` is the
-    absolute residual floor (it grows with ``||A||_est``, returned as the second value)."""
-    coef, f_norm, lost, _ = runner.projected()
-    check_finite(coef[:steps, : steps + 1], f_norm)
-    theta, s = np.linalg.eigh(_projected_matrix(coef, steps))
-    order = np.arange(steps)[::-1] if largest else np.arange(steps)
-    want = order[:k]
+def _ritz(runner: KrylovRunner, steps: int, plan: _Plan, floor: float) -> _Ritz:
+    """Ritz pairs, residual bounds and per-pair thresholds after ``steps`` rows; the absolute
+    residual ``floor`` so far is raised to what this ``||A||_est`` allows (see
+    :data:`RESIDUAL_FLOOR`)."""
+    proj = runner.projected()
+    check_finite(proj.coef[:steps, : steps + 1], proj.residual_norm)
+    theta, s = np.linalg.eigh(_projected_matrix(proj.coef, steps))
+    order = np.arange(steps)[::-1] if plan.largest else np.arange(steps)
+    want = order[: plan.k]
     floor = max(floor, RESIDUAL_FLOOR * np.finfo(runner.op.dtype).eps * np.max(np.abs(theta)))
-    estimates = f_norm * np.abs(s[steps - 1, want]) + lost[:steps] @ np.abs(s[:, want])
-    thresholds = np.maximum(tol * np.abs(theta[want]), floor)
-    return _Ritz(theta, s, order, estimates, thresholds, f_norm, lost[:steps]), floor
+    lost = proj.lost[:steps]
+    estimates = proj.residual_norm * np.abs(s[steps - 1, want]) + lost @ np.abs(s[:, want])
+    thresholds = np.maximum(plan.tol * np.abs(theta[want]), floor)
+    return _Ritz(theta, s, order, estimates, thresholds, proj.residual_norm, lost, floor)
 
 
 def _kept_lost(ritz: _Ritz, columns: np.ndarray, random_next: bool) -> np.ndarray:
@@ -171,18 +253,109 @@ def _error_bounds(theta_all: np.ndarray, want: np.ndarray, residuals: np.ndarray
     return bounds
 
 
-def _finish(runner: KrylovRunner, ritz: _Ritz, k: int, *, random_next: bool):
+def _check_pairs(
+    runner: KrylovRunner, ritz: _Ritz, k: int, *, random_next: bool, num_matvecs: int
+) -> EigenResult:
     """Restart keeping the ``k`` wanted Ritz vectors (rows ``0..k-1``), continued by ``f`` or
-    a random vector (for verification), and measure their true residuals (``k`` matvecs).
-
-    Returns ``(values, residuals, converged, error_bounds)``."""
+    a random vector, and measure their true residuals (``k`` matvecs, counted in
+    ``num_matvecs``): the :class:`EigenResult` they make."""
     want = ritz.order[:k]
     values = ritz.theta[want]
     runner.restart(ritz.s[:, want], values, k, lost=_kept_lost(ritz, want, random_next))
-    _, residuals = runner.row_stats(0, k, values)
+    residuals = runner.row_stats(0, k, values).misfit
     check_finite(residuals)
-    converged = residuals <= ritz.thresholds
-    return values, residuals, converged, _error_bounds(ritz.theta, want, residuals)
+    return EigenResult(
+        values=np.asarray(values, np.float64),
+        vectors=runner.rows_on_host(k),
+        residuals=residuals,
+        converged=residuals <= ritz.thresholds,
+        error_bounds=_error_bounds(ritz.theta, want, residuals),
+        num_matvecs=int(num_matvecs),
+    )
+
+
+def _extend(runner: KrylovRunner, search: _Search, plan: _Plan) -> tuple[_Search, _Ritz]:
+    """Cycle: Lanczos steps up to the next checkpoint (``k + 2`` rows, then about half as many
+    again, at most ``m``), then the Ritz pairs of the basis."""
+    front = search.front
+    stop = min(plan.m, max(front + max(4, front // 2), plan.k + 2))
+    runner.lanczos(front, stop, stop_at_breakdown=False, start=search.start)
+    ritz = _ritz(runner, stop, plan, search.floor)
+    num_matvecs = search.num_matvecs + stop - front
+    return search._replace(front=stop, start=None, num_matvecs=num_matvecs, floor=ritz.floor), ritz
+
+
+def _restart(runner: KrylovRunner, search: _Search, ritz: _Ritz, plan: _Plan) -> _Search:
+    """Restart: keep the best ``p`` Ritz vectors and continue from ``f / ||f||``, or from a
+    random vector where ``f`` vanished (a breakdown)."""
+    keep = ritz.order[: plan.keep]
+    random_next = not ritz.f_norm > runner.breakdown_tol * float(runner.state.scale)
+    lost = _kept_lost(ritz, keep, random_next)
+    runner.restart(ritz.s[:, keep], ritz.theta[keep], plan.keep, lost=lost)
+    return search._replace(
+        front=plan.keep,
+        start="random" if random_next else "residual",
+        restarts=search.restarts + 1,
+    )
+
+
+def _verify(
+    runner: KrylovRunner, search: _Search, ritz: _Ritz, plan: _Plan
+) -> tuple[_Search, EigenResult | None]:
+    """Verify: every wanted bound passed. Measure the true residuals of the Ritz pairs; a
+    first converged answer is held (``pending``) while the iteration continues from a random
+    vector; the answer that comes back with the same values confirms it. Returns the search
+    and the answer, or None to go on."""
+    pending = search.pending
+    values = ritz.theta[ritz.order[: plan.k]]
+    verified = pending is not None and bool(
+        np.all(np.abs(values - pending.values) <= ritz.thresholds)
+    )
+    if pending is not None and not verified:
+        pending = None  # the random direction found something new: start over
+    random_next = plan.verify and pending is None
+    num_matvecs = search.num_matvecs + plan.k
+    result = _check_pairs(runner, ritz, plan.k, random_next=random_next, num_matvecs=num_matvecs)
+    search = search._replace(
+        front=plan.k,
+        start="random" if random_next else "residual",
+        num_matvecs=num_matvecs,
+        pending=pending,
+    )
+    if verified:
+        confirmed = result if result.converged.all() else pending
+        return search, confirmed._replace(num_matvecs=num_matvecs)
+    if result.converged.all():
+        if not plan.verify:
+            return search, result
+        search = search._replace(pending=result)
+    return search, None
+
+
+def _thick_restart_lanczos(runner: KrylovRunner, plan: _Plan, start, bar) -> EigenResult:
+    """The host loop of :func:`top_eigenpairs` on a fresh ``runner`` (see the module
+    docstring): cycles, restarts when a cycle fills the basis, verification when every
+    wanted pair passes. ``start`` is the start vector or ``"random"``."""
+    search = _Search(front=0, start=start, restarts=0, num_matvecs=0, floor=0.0, pending=None)
+    while True:
+        search, ritz = _extend(runner, search, plan)
+        num_passed = int(np.sum(ritz.estimates <= ritz.thresholds))
+        bar.set_postfix(converged=num_passed, matvecs=search.num_matvecs)
+        if ritz.passed:
+            search, answer = _verify(runner, search, ritz, plan)
+            if answer is not None:
+                return answer
+        elif search.front == plan.m:
+            if search.restarts == plan.max_restarts:
+                break
+            search = _restart(runner, search, ritz, plan)
+            bar.update(1)
+    if search.pending is not None:  # the budget ended during verification: that converged
+        return search.pending._replace(num_matvecs=search.num_matvecs)
+    num_matvecs = search.num_matvecs + plan.k
+    result = _check_pairs(runner, ritz, plan.k, random_next=False, num_matvecs=num_matvecs)
+    _warn_unconverged(result, plan)
+    return result
 
 
 def _check_k_and_steps(k, num_steps, n) -> tuple[int, int]:
@@ -204,6 +377,28 @@ def _check_k_and_steps(k, num_steps, n) -> tuple[int, int]:
             f"and need room for new ones); use num_steps >= {min(n, k + 1)}, e.g. {default}."
         )
     return k, m
+
+
+def _plan(op: LinearOperator, k, num_steps, which, tol, max_restarts, verify) -> _Plan:
+    """Validate the options of :func:`top_eigenpairs` (one line naming the problem each)."""
+    k, m = _check_k_and_steps(k, num_steps, op.dim)
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"top_eigenpairs: which={which!r} must be 'largest' or 'smallest'.")
+    tol = default_tolerance(op.dtype) if tol is None else float(tol)
+    if not tol > 0:
+        raise ValueError(f"top_eigenpairs: tol={tol} must be positive.")
+    max_restarts = operator.index(max_restarts)
+    if max_restarts < 0:
+        raise ValueError(f"top_eigenpairs: max_restarts={max_restarts} must be >= 0.")
+    return _Plan(
+        k=k,
+        m=m,
+        keep=min(m - 1, k + (m - k) // 2),
+        largest=which == "largest",
+        tol=tol,
+        max_restarts=max_restarts,
+        verify=bool(verify) and m < op.dim,
+    )
 
 
 def _start_vector(start_vector, n: int, sdt):
@@ -242,38 +437,19 @@ def top_eigenpairs(
     dim: int | None = None,
 ) -> EigenResult:
     """The ``k`` largest (or smallest) eigenpairs of a symmetric operator, by thick-restart
-    Lanczos with full reorthogonalization.
+    Lanczos with full reorthogonalization (cycles, restarts and verification as the module
+    docstring describes).
 
-    A cycle extends an orthonormal basis ``V`` (up to ``m = num_steps`` rows) by Lanczos
-    steps; at checkpoints within it (after ``k + 2`` steps, then about every half again) the
-    host forms the Rayleigh quotient ``T = V^T A V`` and its Ritz pairs ``(theta_i, V^T s_i)``
-    with the residual bounds ``||f|| |s_i[last]| + sum_r lost_r |s_i[r]|``. Pair ``i`` is
-    judged converged, as in ARPACK, when its residual is at most
-    ``max(tol |theta_i|, RESIDUAL_FLOOR * eps * ||A||_est)`` (``eps`` of the operator's dtype,
-    ``||A||_est`` the largest ``|theta|`` seen): relative to its own eigenvalue, so a large
-    eigenvalue at the other end cannot hide unconverged pairs. When every wanted bound passes,
-    the ``k`` Ritz vectors replace the basis and their true residuals ``||A y_i - theta_i
-    y_i||`` are computed with ``k`` real matvecs; they must pass the same test. A cycle that
-    ends first restarts thick: the best ``p = k + (m - k) // 2`` Ritz vectors are kept and
-    the iteration continues from ``f / ||f||``, so nothing learned about the wanted pairs is
-    discarded. Pairs still short of their threshold after ``max_restarts`` restarts are named
-    in a :class:`LanczosConvergenceWarning` and flagged in ``converged``.
-
-    Multiplicities: a single start vector sees one direction per eigenspace. After a breakdown
-    (an invariant Krylov space) the iteration continues from a random vector orthogonal to the
-    basis; and with ``verify=True`` a converged answer is checked by continuing from a random
-    vector orthogonal to it: if that reveals eigenvalues the first start vector missed (a
-    second copy of a degenerate outlier), the iteration goes on, otherwise the pairs are
-    returned (about as many extra matvecs as the first convergence took).
-
-    Compilation: the program depends on the operator's structure and ``M = basis_rows(m)``
-    (128 rows for every ``m <= 128``), not on ``k``, ``which``, ``key`` or the operator's
-    values, so later calls on the same or a same-structure operator compile nothing.
+    Pair ``i`` converges when ``||A v_i - lambda_i v_i|| <= max(tol |lambda_i|, floor)``,
+    ``floor = RESIDUAL_FLOOR * eps * ||A||_est``, checked on the returned vectors with real
+    matvecs. Compilation: the program depends on the operator's structure and ``M =
+    basis_rows(m)`` (128 rows for every ``m <= 128``), not on ``k``, ``which``, ``key`` or
+    the operator's values, so later calls on the same or a same-structure operator compile
+    nothing.
 
     Args:
         op: :class:`~hessspec.linalg.linop.LinearOperator`, or a callable ``v -> A v`` with
-        ``dim=``.
-            ``A`` must be symmetric.
+            ``dim=``. ``A`` must be symmetric.
         k: number of eigenpairs, ``1 <= k <= dim``.
         num_steps: the longest cycle ``m``, ``k < m <= dim`` (``m = k`` only when ``k = dim``).
             Default: ``basis_rows(max(2k + 20, 3k))`` (128 for ``k <= 54``), capped at dim.
@@ -288,7 +464,8 @@ def top_eigenpairs(
         start_vector: ``(dim,)`` vector to start from, or ``(r, dim)`` rows summed (the
             previous checkpoint's eigenvectors: a warm start converges in a few steps);
             default a random vector.
-        verify: run the verification described above (skip it for warm-started tracking).
+        verify: check a converged answer from a random vector (skip it for warm-started
+            tracking).
         progress: show a tqdm bar over cycles.
         basis_dtype: dtype of the stored basis: None (the solver dtype, float64 when x64 is
             on) or ``"float32"`` (half the memory; eigenvalues then carry relative errors of
@@ -315,117 +492,23 @@ def top_eigenpairs(
         LanczosConvergenceWarning: pairs that missed their threshold, by index, value and
             residual.
     """
+    from tqdm.auto import tqdm
+
     op = as_operator(op, dim)
-    n = op.dim
-    k, m = _check_k_and_steps(k, num_steps, n)
-    if which not in ("largest", "smallest"):
-        raise ValueError(f"top_eigenpairs: which={which!r} must be 'largest' or 'smallest'.")
-    tol = default_tolerance(op.dtype) if tol is None else float(tol)
-    if not tol > 0:
-        raise ValueError(f"top_eigenpairs: tol={tol} must be positive.")
-    max_restarts = operator.index(max_restarts)
-    if max_restarts < 0:
-        raise ValueError(f"top_eigenpairs: max_restarts={max_restarts} must be >= 0.")
-    sdt = solver_dtype(op.dtype)
-    start = _start_vector(start_vector, n, sdt)
+    plan = _plan(op, k, num_steps, which, tol, max_restarts, verify)
+    start = _start_vector(start_vector, op.dim, solver_dtype(op.dtype))
     bdt = resolve_basis_dtype(op.dtype, basis_dtype)
     host = check_basis_memory(basis_memory, "top_eigenpairs")
-    check_call(check_memory, op, num_steps=m, k=k, basis_dtype=bdt, basis_memory=basis_memory)
-    runner = KrylovRunner(op, basis_rows(m), basis_dtype=bdt, host=host, key=key)
-    with tqdm(total=max_restarts + 1, desc="lanczos", disable=not progress, leave=False) as bar:
-        return _thick_restart_lanczos(
-            runner,
-            k,
-            m,
-            which == "largest",
-            tol,
-            max_restarts,
-            bool(verify) and m < n,
-            "random" if start is None else start,
-            bar,
-        )
-
-
-def _thick_restart_lanczos(
-    runner: KrylovRunner,
-    k: int,
-    m: int,
-    largest: bool,
-    tol: float,
-    max_restarts: int,
-    need_verify: bool,
-    start,
-    bar,
-) -> EigenResult:
-    """The host loop of :func:`top_eigenpairs` on a fresh ``runner``; ``start`` is the start
-    vector or ``"random"``."""
-    p = min(m - 1, k + (m - k) // 2)
-    front, restarts, num_matvecs = 0, 0, 0
-    floor = 0.0
-    pending: EigenResult | None = None  # converged, awaiting verification
-    ritz = None
-    while True:
-        stop = min(m, max(front + max(4, front // 2), k + 2))
-        runner.lanczos(front, stop, stop_at_breakdown=False, start=start)
-        start = None  # later segments continue from the stored row
-        num_matvecs += stop - front
-        front = stop
-        ritz, floor = _ritz(runner, front, k, largest, tol, floor)
-        passed = ritz.estimates <= ritz.thresholds
-        bar.set_postfix(converged=int(passed.sum()), matvecs=num_matvecs)
-        if passed.all():
-            values = ritz.theta[ritz.order[:k]]
-            verified = pending is not None and bool(
-                np.all(np.abs(values - pending.values) <= ritz.thresholds)
-            )
-            if pending is not None and not verified:
-                pending = None  # the random direction found something new: start over
-            random_next = need_verify and pending is None
-            finished = _finish(runner, ritz, k, random_next=random_next)
-            num_matvecs += k
-            front, start = k, "random" if random_next else "residual"
-            result = _result(runner, k, finished, num_matvecs)
-            if verified:
-                return (
-                    result if result.converged.all() else pending._replace(num_matvecs=num_matvecs)
-                )
-            if result.converged.all():
-                if not need_verify:
-                    return result
-                pending = result
-            continue
-        if front < m:
-            continue
-        if restarts == max_restarts:
-            break
-        restarts += 1
-        bar.update(1)
-        keep = ritz.order[:p]
-        random_next = not ritz.f_norm > runner.breakdown_tol * float(runner.state.scale)
-        runner.restart(
-            ritz.s[:, keep], ritz.theta[keep], p, lost=_kept_lost(ritz, keep, random_next)
-        )
-        front, start = p, "random" if random_next else "residual"
-    if pending is not None:  # the budget ended during verification: that answer converged
-        return pending._replace(num_matvecs=num_matvecs)
-    result = _result(runner, k, _finish(runner, ritz, k, random_next=False), num_matvecs + k)
-    _warn_unconverged(result, k, tol, max_restarts)
-    return result
-
-
-def _result(runner: KrylovRunner, k: int, finished, num_matvecs: int) -> EigenResult:
-    values, residuals, converged, bounds = finished
-    return EigenResult(
-        values=np.asarray(values, np.float64),
-        vectors=runner.rows_on_host(k),
-        residuals=residuals,
-        converged=converged,
-        error_bounds=bounds,
-        num_matvecs=int(num_matvecs),
+    check_call(
+        check_memory, op, num_steps=plan.m, k=plan.k, basis_dtype=bdt, basis_memory=basis_memory
     )
+    runner = KrylovRunner(op, basis_rows(plan.m), basis_dtype=bdt, host=host, key=key)
+    bar = tqdm(total=plan.max_restarts + 1, desc="lanczos", disable=not progress, leave=False)
+    with bar:
+        return _thick_restart_lanczos(runner, plan, "random" if start is None else start, bar)
 
 
-def _warn_unconverged(result: EigenResult, k: int, tol: float, max_restarts: int) -> None:
+def _warn_unconverged(result: EigenResult, plan: _Plan) -> None:
     bad = np.flatnonzero(~result.converged)
     if not bad.size:
         return
@@ -436,10 +519,10 @@ def _warn_unconverged(result: EigenResult, k: int, tol: float, max_restarts: int
     )
     warnings.warn(
         LanczosConvergenceWarning(
-            f"top_eigenpairs: {bad.size} of {k} eigenpairs did not converge to "
-            f"||A v - lambda v|| <= max({tol:.3g} |lambda|, floor) after {max_restarts + 1} "
-            f"cycles and {result.num_matvecs} matvecs: pairs {pairs}. Increase num_steps or "
-            "max_restarts, or loosen tol."
+            f"top_eigenpairs: {bad.size} of {plan.k} eigenpairs did not converge to "
+            f"||A v - lambda v|| <= max({plan.tol:.3g} |lambda|, floor) after "
+            f"{plan.max_restarts + 1} cycles and {result.num_matvecs} matvecs: pairs {pairs}. "
+            "Increase num_steps or max_restarts, or loosen tol."
         ),
         stacklevel=3,
     )

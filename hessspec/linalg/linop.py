@@ -27,6 +27,7 @@ __all__ = [
     "LinearOperator",
     "as_operator",
     "basis_dtype",
+    "device_of",
     "linearize",
     "matvec",
     "solver_dtype",
@@ -190,6 +191,18 @@ def as_operator(op: LinearOperator | Callable, dim: int | None = None) -> Linear
     return LinearOperator(
         apply=_apply_for(op), operand=(), dim=dim, dtype=out.dtype, description="user matvec"
     )
+
+
+def device_of(op: LinearOperator):
+    """The first device holding the operator's data (None: jax's default device)."""
+    for leaf in jax.tree_util.tree_leaves(op.operand):
+        devices = getattr(leaf, "devices", None)
+        if callable(devices):
+            try:
+                return sorted(devices(), key=lambda d: d.id)[0]
+            except Exception:  # noqa: BLE001 - tracers, deleted arrays: fall back
+                return None
+    return None
 
 
 def solver_dtype(op_dtype) -> np.dtype:

@@ -29,10 +29,9 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.extend import core as jcore
 
-from hessspec.linalg.krylov import MIN_BASIS_ROWS, NUM_BASIS_BLOCKS, basis_rows, device_of
-from hessspec.linalg.linop import LinearOperator, as_operator, matvec, solver_dtype
+from hessspec.linalg.krylov import MIN_BASIS_ROWS, NUM_BASIS_BLOCKS, basis_rows
+from hessspec.linalg.linop import LinearOperator, as_operator, device_of, matvec, solver_dtype
 from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
 
 __all__ = [
@@ -148,6 +147,8 @@ def _aval_bytes(v: Any) -> int:
 
 
 def _sub_jaxprs(eqn) -> list:
+    from jax.extend import core as jcore  # here: jax.extend loads pallas (20 ms of imports)
+
     subs = []
     for value in eqn.params.values():
         items = value if isinstance(value, list | tuple) else (value,)
@@ -163,6 +164,8 @@ def _peak_live_bytes(jaxpr) -> int:
     """Peak bytes of intermediates alive at once in ``jaxpr`` (inputs excluded), by a linear
     scan that frees each value after its last use; a sub-program (scan/while body, cond
     branch, pjit) adds its own peak while its equation runs."""
+    from jax.extend import core as jcore
+
     eqns = jaxpr.eqns
     last_use: dict = {}
     for i, eqn in enumerate(eqns):
@@ -280,91 +283,142 @@ def estimate_memory(
         :class:`MemoryEstimate` in bytes.
     """
     del probe_batch_size, matvec_batch_size
-    if isinstance(op_or_dim, int | np.integer) and not isinstance(op_or_dim, bool):
-        op = None
-        n = int(op_or_dim)
-        odt = np.dtype(np.float32 if op_dtype is None else op_dtype)
-    else:
-        op = as_operator(op_or_dim, dim)
-        n, odt = op.dim, op.dtype
-    sdt = solver_dtype(odt)
+    op, n, odt = _operator_and_dims(op_or_dim, dim, op_dtype)
     bdt = resolve_basis_dtype(odt, basis_dtype)
-    s_item, b_item, o_item = sdt.itemsize, bdt.itemsize, np.dtype(odt).itemsize
-    operator = 0 if op is None else operator_bytes(op)
-    hvp_bytes = 0 if op is None else hvp_working_set(op, 1)
-    ndev, platform = (1, "cpu") if op is None else _operand_devices(op)
     # the engine's vectors: f, the current and previous Lanczos vectors, x, A x and a fresh
     # or probe vector (solver dtype), the matvec's input (operator dtype)
-    vectors = 6 * n * s_item + n * o_item
-    hints: list[tuple[int, str]] = []
-    workspace = 0
+    vectors = n * (6 * solver_dtype(odt).itemsize + np.dtype(odt).itemsize)
+    arrays = _solver_arrays(
+        n,
+        vectors,
+        bdt.itemsize,
+        k=k,
+        num_steps=num_steps,
+        num_probes=num_probes,
+        num_matvecs=num_matvecs,
+        method=method,
+    )
+    sizes = _Sizes(
+        basis=arrays.rows * n * bdt.itemsize,
+        probes=arrays.probes,
+        operator=0 if op is None else operator_bytes(op),
+        hvp=0 if op is None else hvp_working_set(op, 1),
+        workspace=arrays.workspace,
+    )
+    hints = list(arrays.hints)
+    if bdt.itemsize > 4:
+        hints.append(((sizes.basis + sizes.workspace) // 2, 'basis_dtype="float32"'))
+    ndev, platform = (1, "cpu") if op is None else _operand_devices(op)
+    sizes = _on_devices(sizes, hints, ndev=ndev, platform=platform, basis_memory=basis_memory)
+    return MemoryEstimate(
+        **{field: int(value) for field, value in sizes._asdict().items()},
+        total=int(sum(sizes)),
+        solver=arrays.solver,
+        hints=tuple(text for _, text in sorted(hints, key=lambda h: -h[0])),
+        devices=int(ndev),
+    )
+
+
+class _SolverArrays(NamedTuple):
+    """What one solver call allocates besides the operator (bytes, for ``dim = n``).
+
+    Attributes:
+        solver: the call's name.
+        rows: basis rows ``M``.
+        probes: the engine's work vectors and the arrays returned on the host.
+        workspace: the copy of the basis a thick restart holds.
+        hints: ``(saving, option)`` pairs that lower the estimate.
+    """
+
+    solver: str
+    rows: int
+    probes: int
+    workspace: int
+    hints: list[tuple[int, str]]
+
+
+class _Sizes(NamedTuple):
+    """Bytes by component, in the order of :class:`MemoryEstimate`'s first fields."""
+
+    basis: int
+    probes: int
+    operator: int
+    hvp: int
+    workspace: int
+
+
+def _operator_and_dims(op_or_dim, dim, op_dtype) -> tuple[LinearOperator | None, int, np.dtype]:
+    """``(operator or None, n, operator dtype)`` of :func:`estimate_memory`'s first argument."""
+    if isinstance(op_or_dim, int | np.integer) and not isinstance(op_or_dim, bool):
+        return None, int(op_or_dim), np.dtype(np.float32 if op_dtype is None else op_dtype)
+    op = as_operator(op_or_dim, dim)
+    return op, op.dim, np.dtype(op.dtype)
+
+
+def _solver_arrays(
+    n: int, vectors: int, b_item: int, *, k, num_steps, num_probes, num_matvecs, method
+) -> _SolverArrays:
+    """The basis rows, work vectors, host results and restart copy of the call the
+    arguments describe (see :func:`estimate_memory`), with the options that shrink them."""
+
+    def fewer(rows: int, saving: int, option: str) -> list[tuple[int, str]]:
+        return [(saving, option)] if rows > MIN_BASIS_ROWS else []
+
     if k is not None:
-        solver = "top_eigenpairs"
         k = int(k)
         m = min(n, basis_rows(max(2 * k + 20, 3 * k))) if num_steps is None else int(num_steps)
         rows = basis_rows(m)
-        workspace = rows * n * b_item  # the restart's copy of the basis
-        probes = vectors + k * n * 8  # and the returned eigenvectors (float64, host)
-        if m > MIN_BASIS_ROWS:
-            hints.append((rows * n * b_item, f"fewer num_steps (now {m}; basis rows {rows})"))
-    elif num_probes is not None:
-        solver = "spectral_density"
-        m = 90 if num_steps is None else int(num_steps)
-        rows = basis_rows(m)
-        probes = vectors
-        if m > MIN_BASIS_ROWS:
-            hints.append((rows * n * b_item // 2, f"fewer num_steps (now {m})"))
-    elif num_matvecs is not None:
-        solver = "trace"
-        total_mv = int(num_matvecs)
-        sketch = 0 if method == "hutchinson" else min(total_mv // 3, n)
+        basis = rows * n * b_item
+        hints = fewer(m, basis, f"fewer num_steps (now {m}; basis rows {rows})")
+        # a restart's copy of the basis; the returned eigenvectors (float64, host)
+        return _SolverArrays("top_eigenpairs", rows, vectors + k * n * 8, basis, hints)
+    if num_matvecs is not None and num_probes is None:
+        sketch = 0 if method == "hutchinson" else min(int(num_matvecs) // 3, n)
         rows = basis_rows(max(sketch, 1))
-        probes = vectors
-        if sketch > MIN_BASIS_ROWS:
-            hints.append((rows * n * b_item // 2, f"fewer num_matvecs (now {total_mv})"))
-    else:
-        solver = "lanczos_tridiag"
-        m = 90 if num_steps is None else int(num_steps)
-        rows = basis_rows(m)
-        probes = vectors + m * n * 8  # the returned basis (float64, host)
-        if m > MIN_BASIS_ROWS:
-            hints.append((rows * n * b_item // 2, f"fewer num_steps (now {m})"))
-    basis = rows * n * b_item
-    if bdt.itemsize > 4:
-        hints.append(((basis + workspace) // 2, 'basis_dtype="float32"'))
+        hints = fewer(sketch, rows * n * b_item // 2, f"fewer num_matvecs (now {num_matvecs})")
+        return _SolverArrays("trace", rows, vectors, 0, hints)
+    m = 90 if num_steps is None else int(num_steps)
+    rows = basis_rows(m)
+    hints = fewer(m, rows * n * b_item // 2, f"fewer num_steps (now {m})")
+    if num_probes is not None:  # the probes run one after another on one basis
+        return _SolverArrays("spectral_density", rows, vectors, 0, hints)
+    # lanczos_tridiag also returns its basis (float64, host)
+    return _SolverArrays("lanczos_tridiag", rows, vectors + m * n * 8, 0, hints)
+
+
+def _on_devices(
+    sizes: _Sizes, hints: list, *, ndev: int, platform: str, basis_memory: str
+) -> _Sizes:
+    """The sizes where the arrays live (appending options that lower them to ``hints``): a
+    host-memory basis streams one block to an accelerator at a time; every CPU device keeps
+    its copy of the solver's vectors in host RAM, while accelerators split the data and the
+    HVP's activations."""
     if platform != "cpu":
         if basis_memory == "host":
-            basis = basis // NUM_BASIS_BLOCKS
-            workspace = workspace // NUM_BASIS_BLOCKS
+            sizes = sizes._replace(
+                basis=sizes.basis // NUM_BASIS_BLOCKS,
+                workspace=sizes.workspace // NUM_BASIS_BLOCKS,
+            )
         else:
-            saving = basis - basis // NUM_BASIS_BLOCKS
+            saving = sizes.basis - sizes.basis // NUM_BASIS_BLOCKS
             hints.append((saving, 'basis_memory="host" (the basis in host memory)'))
-    if hvp_bytes > 0:
+    if sizes.hvp > 0:
         hints.append(
             (
-                hvp_bytes // 2,
+                sizes.hvp // 2,
                 "a smaller batch_size for the operator (hs.hessian_operator(..., "
                 "batch_size=...): the HVP working set grows with it)",
             )
         )
-    if ndev > 1:
-        if platform == "cpu":  # every CPU device keeps its copy of the vectors in host RAM
-            basis, probes, workspace = basis * ndev, probes * ndev, workspace * ndev
-        else:  # per accelerator: its share of the data and of the HVP's activations
-            operator, hvp_bytes = operator // ndev, hvp_bytes // ndev
-    total = basis + probes + operator + hvp_bytes + workspace
-    ordered = tuple(text for _, text in sorted(hints, key=lambda h: -h[0]))
-    return MemoryEstimate(
-        basis=int(basis),
-        probes=int(probes),
-        operator=int(operator),
-        hvp=int(hvp_bytes),
-        workspace=int(workspace),
-        total=int(total),
-        solver=solver,
-        hints=ordered,
-        devices=int(ndev),
-    )
+    if ndev == 1:
+        return sizes
+    if platform == "cpu":
+        return sizes._replace(
+            basis=sizes.basis * ndev,
+            probes=sizes.probes * ndev,
+            workspace=sizes.workspace * ndev,
+        )
+    return sizes._replace(operator=sizes.operator // ndev, hvp=sizes.hvp // ndev)
 
 
 def check_call(check_memory: bool | float, op: LinearOperator, **kwargs: Any) -> None:

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from hessspec.linalg.krylov import KrylovRunner, basis_rows, check_finite
+from hessspec.linalg.krylov import basis_rows
+from hessspec.linalg.krylov_runner import KrylovRunner, check_finite
 from hessspec.linalg.linop import LinearOperator, as_operator
 from hessspec.linalg.linop import basis_dtype as resolve_basis_dtype
 from hessspec.linalg.memory import check_call
@@ -31,7 +32,7 @@ __all__ = ["TraceEstimate", "trace"]
 
 
 class TraceEstimate(NamedTuple):
-    """Output of :func:`trace`.
+    """Output of :func:`trace`: Python numbers (host values, no arrays).
 
     Attributes:
         value: the trace estimate.
@@ -49,9 +50,9 @@ class TraceEstimate(NamedTuple):
 def trace(
     op: LinearOperator | Any,
     num_matvecs: int = 300,
+    *,
     key: jax.Array | None = None,
     method: str = "hutch++",
-    *,
     dim: int | None = None,
     basis_dtype: Any = None,
     check_memory: bool | float = True,
