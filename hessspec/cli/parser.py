@@ -110,6 +110,18 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
+def _set_flag(p: argparse.ArgumentParser, help_text: str) -> None:
+    """``--set SECTION.FIELD=VALUE`` (repeatable) into ``overrides``."""
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help=help_text,
+    )
+
+
 def _common_flags(p: argparse.ArgumentParser) -> None:
     """Flags of both ``python -m hessspec.run`` and its ``analyze`` command."""
     p.add_argument(
@@ -156,13 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="study config (TOML); fields it leaves out keep their defaults. Default: the "
         "embedded digits MLP study.",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one config field (repeatable; applied in order, after --config and "
+    _set_flag(
+        p,
+        "override one config field (repeatable; applied in order, after --config and "
         "--quick). Every field is listed below.",
     )
     p.add_argument(
@@ -251,14 +259,7 @@ def build_analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="the run folder to analyse")
     p.add_argument("--params", metavar="FILE", help="parameters to analyse instead of a run")
     p.add_argument("--config", metavar="FILE.toml", help="with --params: the study config")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one config field (with RUN_DIR: analysis.*, title and x64 only)",
-    )
+    _set_flag(p, "override one config field (with RUN_DIR: analysis.*, title and x64 only)")
     p.add_argument(
         "--quick", action="store_true", help="the cheaper analysis settings of the main command"
     )

@@ -17,47 +17,47 @@ Modules: ``config`` (the study's config sections), ``setup`` (data and networks)
 ``session`` and ``runner`` (training and analysis into a run folder), ``reanalysis``
 (``analyze``), ``study`` (the whole run, with its refusals and the run folder's swap),
 ``results`` (results.json and spectra.npz), ``report`` (findings and report.md), ``plots``
-(the figures), ``errors`` (how a run stops). The names below are imported on first use.
+(the figures), ``errors`` (how a run stops).
 """
 
-from __future__ import annotations
+from hessspec.studies.batchnorm_spectrum.config import (
+    QUICK_OVERRIDES,
+    Config,
+    ConfigError,
+    apply_overrides,
+    build_config,
+    load_config,
+    validate,
+)
+from hessspec.studies.batchnorm_spectrum.reanalysis import analyze_run, reanalyze
+from hessspec.studies.batchnorm_spectrum.report import findings, write_report
+from hessspec.studies.batchnorm_spectrum.results import (
+    load_results,
+    prepare_output_dir,
+    validate_results,
+)
+from hessspec.studies.batchnorm_spectrum.runner import run_study
+from hessspec.studies.batchnorm_spectrum.setup import SetupError, StudySetup, prepare_study
+from hessspec.studies.batchnorm_spectrum.study import run_batchnorm_spectrum_study
 
-import importlib
-
-_EXPORTS = {
-    "hessspec.studies.batchnorm_spectrum.config": (
-        "Config",
-        "ConfigError",
-        "QUICK_OVERRIDES",
-        "apply_overrides",
-        "build_config",
-        "load_config",
-        "validate",
-    ),
-    "hessspec.studies.batchnorm_spectrum.setup": ("SetupError", "StudySetup", "prepare_study"),
-    "hessspec.studies.batchnorm_spectrum.runner": ("run_study",),
-    "hessspec.studies.batchnorm_spectrum.reanalysis": ("analyze_run", "reanalyze"),
-    "hessspec.studies.batchnorm_spectrum.study": ("run_batchnorm_spectrum_study",),
-    "hessspec.studies.batchnorm_spectrum.results": (
-        "load_results",
-        "prepare_output_dir",
-        "validate_results",
-    ),
-    "hessspec.studies.batchnorm_spectrum.report": ("findings", "write_report"),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MODULE_OF))
+__all__ = [
+    "QUICK_OVERRIDES",
+    "Config",
+    "ConfigError",
+    "SetupError",
+    "StudySetup",
+    "analyze_run",
+    "apply_overrides",
+    "build_config",
+    "findings",
+    "load_config",
+    "load_results",
+    "prepare_output_dir",
+    "prepare_study",
+    "reanalyze",
+    "run_batchnorm_spectrum_study",
+    "run_study",
+    "validate",
+    "validate_results",
+    "write_report",
+]

@@ -188,16 +188,9 @@ def analyze_run(
     header["checkpoint_steps"] = sorted({s for v in plan.values() for s in v})
     writer = new_results(setup, out_dir, header, write=True, lock=guard.lock)
     session = Session(
-        setup,
-        writer,
-        out_dir,
-        command=command,
-        resumed=False,
-        progress=progress,
-        guard=guard,
+        setup, writer, command=command, resumed=False, progress=progress, guard=guard,
         check_memory=check_memory,
-        write=True,
-    )
+    )  # fmt: skip
     analyses, t_start = session.analyses, time.perf_counter()
 
     def record() -> None:

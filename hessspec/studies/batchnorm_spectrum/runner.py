@@ -287,16 +287,9 @@ def run_study(
         setup, out_dir, command=command, write=write, resume=resume, lock=guard.lock
     )
     session = Session(
-        setup,
-        writer,
-        out_dir,
-        command=command,
-        resumed=resume,
-        progress=progress,
-        guard=guard,
+        setup, writer, command=command, resumed=resume, progress=progress, guard=guard,
         check_memory=check_memory,
-        write=write,
-    )
+    )  # fmt: skip
     # A multi-process run saves no checkpoints yet: orbax's saving synchronises every
     # process, while here process 0 alone writes (and SIGTERM belongs to JAX's preemption
     # notifier there).

@@ -251,34 +251,31 @@ class Session:
 
     Args:
         setup: the study.
-        writer: the run's results (new or reopened).
-        out_dir: the folder written.
+        writer: the run's results (new or reopened); its folder is the one written, and
+            only when it writes does the session write.
         command: the command line, recorded.
         resumed: whether this session continues an earlier one.
         progress: a :class:`hessspec.nn.progress.Progress`, True, False or a style name.
         guard: the process's interrupt guard.
         check_memory: the solvers' memory check (see
             :class:`~hessspec.studies.batchnorm_spectrum.analyzer.CheckpointAnalyzer`).
-        write: whether this process writes files.
     """
 
     def __init__(
         self,
         setup: StudySetup,
         writer: ResultsWriter,
-        out_dir: Path,
         *,
         command: str,
         resumed: bool,
         progress: bool | str | Progress,
         guard: InterruptGuard,
         check_memory: bool | float,
-        write: bool,
     ):
         self.writer = writer
-        self.out_dir = out_dir
+        self.out_dir = writer.out_dir
         self.guard = guard
-        self.write = write
+        self.write = writer.write
         self.show = Progress.of(progress)
         self.tracker = Tracker()
         self.analyses = Analyses(
