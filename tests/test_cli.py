@@ -268,6 +268,24 @@ def test_experiment_configs_load(capsys):
         assert cfg.analysis.bn_modes == ("train", "population")
 
 
+def test_every_registered_study_resolves_and_is_in_the_help():
+    """Each entry of the study registry names a config class whose defaults its --quick
+    overrides apply to, and a runner; --help names every other study."""
+    from hessspec.cli.parser import build_parser
+    from hessspec.cli.registry import DEFAULT_STUDY
+    from hessspec.studies.common.config import apply_overrides as apply_to
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert DEFAULT_STUDY in STUDIES
+    for name, study in STUDIES.items():
+        config = study.attribute(study.config_class)()
+        quick = apply_to(config, study.attribute(study.quick_overrides))
+        assert type(quick) is type(config) and quick != config, name
+        assert callable(study.attribute(study.runner)), name
+        if name != DEFAULT_STUDY:
+            assert f'"{name}"' in help_text and study.package in help_text, name
+
+
 def test_dispatch_to_other_studies_checks_their_keys(tmp_path, capsys):
     cfg = tmp_path / "s.toml"
     cfg.write_text('experiment = "santurkar"\nseed = 1\n')
@@ -367,6 +385,26 @@ def _assert_whole(folder, users_files=()):
     assert listed == stored
     assert not list(folder.rglob(".*.tmp"))
     return results
+
+
+def test_the_study_runs_without_the_command_line(tmp_path, fake_analysis):
+    """What a notebook does: build the config and run the whole study in one call, no
+    argparse; its one-line notes go to the given log, its results are those on disk; a
+    second run into the folder is refused before anything is trained."""
+    from hessspec.studies.batchnorm_spectrum import build_config, run_batchnorm_spectrum_study
+    from hessspec.studies.common.runfolder import OutputFolderError
+
+    overrides = [v for flag, v in zip(PLAIN, PLAIN[1:], strict=False) if flag == "--set"]
+    config = build_config(overrides=overrides)
+    out, notes = tmp_path / "run", []
+    results = run_batchnorm_spectrum_study(config, out, progress=False, log=notes.append)
+    assert results["status"] == "complete" and results == _assert_whole(out)
+    assert [c["step"] for c in results["runs"][0]["checkpoints"]] == [0, 16]
+    assert notes[0].startswith("hessspec: memory (mlp): ")
+    assert notes[1].startswith("hessspec: digits, mlp (") and f"output in {out}/" in notes[1]
+    with pytest.raises(OutputFolderError, match="already holds files"):
+        run_batchnorm_spectrum_study(config, out, progress=False, log=notes.append)
+    assert len(notes) == 2
 
 
 def test_interrupted_run_keeps_what_it_measured_and_resumes(tmp_path, fake_analysis, capsys,

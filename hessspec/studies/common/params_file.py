@@ -118,7 +118,8 @@ def load_params(path: str | Path, model: nnx.Module, *, need_statistics: bool = 
 
     Args:
         path: the file or folder.
-        model: the network built from the config (:func:`build_model`).
+        model: the network built from the config
+            (:func:`hessspec.studies.common.checkpoint.build_model`).
         need_statistics: refuse a file without BatchNorm running averages (an eval-mode
             analysis needs them).
 
