@@ -39,6 +39,7 @@ def _command(argv: Sequence[str]) -> str:
 
 
 def _progress(args: argparse.Namespace) -> Progress:
+    """Bars on a terminal, log lines otherwise; log lines only with --no-progress."""
     return Progress("lines" if args.no_progress else "auto")
 
 

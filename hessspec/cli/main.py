@@ -7,11 +7,12 @@ option and every config field.
 
 This module is thin: the arguments (:mod:`hessspec.cli.parser`), the dispatch to the study
 a config file names (:mod:`hessspec.cli.registry`; the BatchNorm spectrum study's commands
-in :mod:`hessspec.cli.batchnorm`), signals (:class:`hessspec.studies.common.interrupts.
-InterruptGuard`), and every error turned into one line on stderr with an exit status
-(:mod:`hessspec.cli.errors`): 0 done, 1 failed, 2 bad input, a busy or unusable output
-folder, or not enough memory (before any training), 130 interrupted. The studies themselves
-live in :mod:`hessspec.studies`, importable without the command line.
+in :mod:`hessspec.cli.batchnorm`), signals
+(:class:`hessspec.studies.common.interrupts.InterruptGuard`), and every error turned into
+one line on stderr with an exit status (:mod:`hessspec.cli.errors`): 0 done, 1 failed, 2
+bad input, a busy or unusable output folder, or not enough memory (before any training),
+130 interrupted. The studies themselves live in :mod:`hessspec.studies`, importable without
+the command line.
 """
 
 from __future__ import annotations

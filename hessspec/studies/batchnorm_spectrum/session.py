@@ -281,8 +281,12 @@ class Session:
         self.analyses = Analyses(
             setup, writer, self.show, guard, check_memory=check_memory, tracker=self.tracker
         )
-        self.entry = {"started": now(), "command": command, "resumed": bool(resumed)}
-        self.entry["trained"] = {}
+        self.entry: dict[str, Any] = {
+            "started": now(),
+            "command": command,
+            "resumed": bool(resumed),
+            "trained": {},
+        }
         writer.results.setdefault("sessions", []).append(self.entry)
         writer.write_json()
 

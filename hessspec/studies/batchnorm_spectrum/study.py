@@ -192,8 +192,8 @@ def run_batchnorm_spectrum_study(
     training.
 
     Args:
-        config: validated config (:func:`~hessspec.studies.batchnorm_spectrum.config.
-            build_config`).
+        config: validated config (e.g. from
+            :func:`~hessspec.studies.batchnorm_spectrum.config.build_config`).
         out_dir: the run folder: absent or empty, or holding a previous run (``overwrite``:
             replaced when this one completes; ``resume``: continued).
         progress: a :class:`hessspec.nn.progress.Progress`, True (bars on a terminal, log
@@ -224,8 +224,9 @@ def run_batchnorm_spectrum_study(
     say(preflight.line())
     if not preflight.fits:  # the same decision on every process (shared numbers)
         raise SetupError(preflight.refusal())
-    folder = _open_folder(out_dir, overwrite=overwrite, resume=resume, command=command,
-                          process=process)  # fmt: skip
+    folder = _open_folder(
+        out_dir, overwrite=overwrite, resume=resume, command=command, process=process
+    )
     work_dir = folder.work_dir if folder is not None else out_dir
     try:
         if folder is not None:

@@ -186,9 +186,8 @@ def save_checkpoint(
         ``path``.
 
     Raises:
-        hessspec.studies.common.runfolder.OutputWriteError: the write failed (a full disk says so);
-        no
-            folder is left at ``path``.
+        hessspec.studies.common.runfolder.OutputWriteError: the write failed (a full disk
+            says so); no folder is left at ``path``.
     """
     import orbax.checkpoint as ocp
 

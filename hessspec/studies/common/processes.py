@@ -45,10 +45,10 @@ def agree(message: str | None, *, multi_process: bool) -> str | None:
     """A refusal decided by all processes together.
 
     Each process passes its own message (None: no objection). In a multi-process run every
-    process learns whether any objected (a collective, :func:`hessspec.curvature.distributed.
-    gather`: all must call it at the same point) and all return a message if one did: their
-    own, or one naming the processes that refused. With one process ``message`` is returned
-    as is (no JAX work).
+    process learns whether any objected (a collective,
+    :func:`hessspec.curvature.distributed.gather`: all must call it at the same point) and
+    all return a message if one did: their own, or one naming the processes that refused.
+    With one process ``message`` is returned as is (no JAX work).
     """
     if not multi_process:
         return message
