@@ -277,24 +277,12 @@ class CheckpointAnalyzer:
         """
         s = self.settings
         op = self.operator(objective)
+        basis = {"basis_dtype": s.basis_dtype}
+        krylov = {**basis, "basis_memory": s.basis_memory}
         return [
-            estimate_memory(
-                op,
-                k=s.top_k,
-                num_steps=s.lanczos_steps,
-                basis_dtype=s.basis_dtype,
-                basis_memory=s.basis_memory,
-            ),
-            estimate_memory(
-                op,
-                num_probes=s.slq_probes,
-                num_steps=s.slq_steps,
-                basis_dtype=s.basis_dtype,
-                basis_memory=s.basis_memory,
-            ),
-            estimate_memory(
-                op, num_matvecs=s.trace_matvecs, method=s.trace_method, basis_dtype=s.basis_dtype
-            ),
+            estimate_memory(op, k=s.top_k, num_steps=s.lanczos_steps, **krylov),
+            estimate_memory(op, num_probes=s.slq_probes, num_steps=s.slq_steps, **krylov),
+            estimate_memory(op, num_matvecs=s.trace_matvecs, method=s.trace_method, **basis),
         ]
 
     def full_gradient(self, objective: Objective) -> tuple[float, np.ndarray]:
