@@ -30,15 +30,14 @@ from hessspec.studies.common.config import (
 from hessspec.studies.common.interrupts import EXIT_INTERRUPTED
 from hessspec.studies.common.runfolder import FolderLock, RunFolder
 
-__all__ = ["DEFAULT_STUDY", "STUDIES", "Study", "run_registered_study", "study_name"]
+__all__ = ["DEFAULT_STUDY", "STUDIES", "RegisteredStudy", "run_registered_study", "study_name"]
 
 
-class Study(NamedTuple):
+class RegisteredStudy(NamedTuple):
     """One study: where it lives and what it exports.
 
     Attributes:
-        package: the importable package exporting the names below (looked up there, then
-            in its ``study`` module: the layout before the studies became packages).
+        package: the importable package exporting the names below.
         config_class: name of its config class.
         runner: name of ``run(config, out_dir, progress, *, overwrite) -> results``.
         quick_overrides: name of its ``--quick`` overrides (``"key=value"`` strings).
@@ -52,22 +51,13 @@ class Study(NamedTuple):
     summary: str
 
     def attribute(self, name: str) -> Any:
-        """The exported ``name``, imported on first use."""
-        for module_name in (self.package, f"{self.package}.study"):
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as e:
-                if e.name != module_name:
-                    raise
-                continue
-            if hasattr(module, name):
-                return getattr(module, name)
-        raise AttributeError(f"the study package {self.package} exports no {name!r}")
+        """The exported ``name``; the package is imported on first use."""
+        return getattr(importlib.import_module(self.package), name)
 
 
 #: Every study, by the value of the ``experiment`` key of its config files.
-STUDIES: dict[str, Study] = {
-    "batchnorm_spectrum": Study(
+STUDIES: dict[str, RegisteredStudy] = {
+    "batchnorm_spectrum": RegisteredStudy(
         "hessspec.studies.batchnorm_spectrum",
         "Config",
         "run_batchnorm_spectrum_study",
@@ -75,14 +65,14 @@ STUDIES: dict[str, Study] = {
         "Hessian spectra of networks with and without BatchNorm over training (Ghorbani, "
         "Krishnan & Xiao)",
     ),
-    "input_bias": Study(
+    "input_bias": RegisteredStudy(
         "hessspec.studies.input_bias",
         "InputBiasConfig",
         "run_input_bias_study",
         "QUICK_OVERRIDES",
         "LeCun, Kanter & Solla: input statistics and the Hessian outlier",
     ),
-    "santurkar": Study(
+    "santurkar": RegisteredStudy(
         "hessspec.studies.santurkar",
         "SanturkarConfig",
         "run_santurkar_study",
@@ -107,7 +97,7 @@ def study_name(config_path: str | None) -> str:
     return value if isinstance(value, str) and value in STUDIES else DEFAULT_STUDY
 
 
-def _config(name: str, study: Study, args: argparse.Namespace):
+def _config(name: str, study: RegisteredStudy, args: argparse.Namespace):
     """The study's config from ``args.config``, then ``--quick``, ``--set``, ``--seed``.
 
     Raises:
