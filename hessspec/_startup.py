@@ -2,10 +2,10 @@
 
 ``python -m hessspec.run`` imports the package (JAX, flax, ...) for a second or two before
 the command line's own interrupt handling
-(:class:`hessspec.studies.common.interrupts.InterruptGuard`)
-starts. Imported first by ``hessspec/__init__.py``, this module makes SIGINT and SIGTERM in
-that window print one line and end the process (nothing has been written yet) instead of
-printing a traceback of the imports. It does so only when the process was started as
+(:class:`hessspec.studies.common.interrupts.InterruptGuard`) starts. Imported first by
+``hessspec/__init__.py``, this module makes SIGINT and SIGTERM in that window print one
+line and end the process (nothing has been written yet) instead of printing a traceback of
+the imports. It does so only when the process was started as
 ``python -m hessspec...``: importing hessspec elsewhere (a notebook, a test, a script)
 leaves the signal handlers alone.
 """

@@ -17,12 +17,11 @@ from hessspec.studies.common.checkpoint import (
     CheckpointError,
     build_model,
     checkpoint_path,
-    load_params,
     restore_state,
     save_checkpoint,
-    save_params,
     saved_checkpoints,
 )
+from hessspec.studies.common.params_file import load_params, save_params
 
 CONFIG = apply_overrides(
     Config(), ["model.hidden=[8]", "train.steps=12", "train.batch_size=16", "seed=3"]

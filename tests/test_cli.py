@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import hessspec as hs
-from hessspec.cli.main import EXPERIMENTS, main
+from hessspec.cli.main import main
+from hessspec.cli.registry import STUDIES
 from hessspec.studies.batchnorm_spectrum.config import (
     Config,
     ConfigError,
@@ -25,7 +26,8 @@ from hessspec.studies.batchnorm_spectrum.config import (
     to_toml,
     validate,
 )
-from hessspec.studies.batchnorm_spectrum.report import load_results, validate_results
+from hessspec.studies.batchnorm_spectrum.results import load_results, validate_results
+from hessspec.studies.common.formatting import fmt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,6 +116,12 @@ def test_tiny_study_end_to_end(tmp_path, capsys):
     for png in pngs:
         assert f"figures/{png}" in report
     assert "σ" in report and "Findings" in report
+    for run in runs.values():  # the measured numbers, through the one report formatter
+        last = run["checkpoints"][-1]
+        numbers = [(last["top_eigenvalues"][0], 3), (last["test_accuracy"], 3),
+                   (last["density_sigma"], 2)]  # fmt: skip
+        for value, digits in numbers:
+            assert f" {fmt(value, digits)} |" in report
     assert (out / "notes.txt").read_text() == "mine"
     assert "stale" not in (out / "results.json").read_text()
     _assert_whole(out, users_files={"notes.txt", "figures/old.png"})
@@ -250,7 +258,7 @@ def test_experiment_configs_load(capsys):
         assert main(["--config", str(f), "--quick", "--show-config"]) == 0, f.name
         text = capsys.readouterr().out
         experiment = __import__("tomllib").loads(text).get("experiment")
-        assert experiment in ("batchnorm_spectrum", *EXPERIMENTS), f.name
+        assert experiment in STUDIES, f.name
         if experiment == "batchnorm_spectrum":
             validate(load_config(f))
         assert f"experiments/{f.name}" in readme
@@ -258,6 +266,24 @@ def test_experiment_configs_load(capsys):
         cfg = load_config(ROOT / "experiments" / f"{name}.toml")
         assert cfg.model.batchnorm == (False, True)
         assert cfg.analysis.bn_modes == ("train", "population")
+
+
+def test_every_registered_study_resolves_and_is_in_the_help():
+    """Each entry of the study registry names a config class whose defaults its --quick
+    overrides apply to, and a runner; --help names every other study."""
+    from hessspec.cli.parser import build_parser
+    from hessspec.cli.registry import DEFAULT_STUDY
+    from hessspec.studies.common.config import apply_overrides as apply_to
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert DEFAULT_STUDY in STUDIES
+    for name, study in STUDIES.items():
+        config = study.attribute(study.config_class)()
+        quick = apply_to(config, study.attribute(study.quick_overrides))
+        assert type(quick) is type(config) and quick != config, name
+        assert callable(study.attribute(study.runner)), name
+        if name != DEFAULT_STUDY:
+            assert f'"{name}"' in help_text and study.package in help_text, name
 
 
 def test_dispatch_to_other_studies_checks_their_keys(tmp_path, capsys):
@@ -361,6 +387,26 @@ def _assert_whole(folder, users_files=()):
     return results
 
 
+def test_the_study_runs_without_the_command_line(tmp_path, fake_analysis):
+    """What a notebook does: build the config and run the whole study in one call, no
+    argparse; its one-line notes go to the given log, its results are those on disk; a
+    second run into the folder is refused before anything is trained."""
+    from hessspec.studies.batchnorm_spectrum import build_config, run_batchnorm_spectrum_study
+    from hessspec.studies.common.runfolder import OutputFolderError
+
+    overrides = [v for flag, v in zip(PLAIN, PLAIN[1:], strict=False) if flag == "--set"]
+    config = build_config(overrides=overrides)
+    out, notes = tmp_path / "run", []
+    results = run_batchnorm_spectrum_study(config, out, progress=False, log=notes.append)
+    assert results["status"] == "complete" and results == _assert_whole(out)
+    assert [c["step"] for c in results["runs"][0]["checkpoints"]] == [0, 16]
+    assert notes[0].startswith("hessspec: memory (mlp): ")
+    assert notes[1].startswith("hessspec: digits, mlp (") and f"output in {out}/" in notes[1]
+    with pytest.raises(OutputFolderError, match="already holds files"):
+        run_batchnorm_spectrum_study(config, out, progress=False, log=notes.append)
+    assert len(notes) == 2
+
+
 def test_interrupted_run_keeps_what_it_measured_and_resumes(tmp_path, fake_analysis, capsys,
                                                             no_gc):  # fmt: skip
     """Ctrl-C during the second analysis: exit 130 at once, results.json says
@@ -414,7 +460,7 @@ def test_resume_after_interrupts_equals_an_uninterrupted_run(tmp_path, monkeypat
 
     htrain = importlib.import_module("hessspec.nn.train")  # the module, not the function
     from hessspec.studies.batchnorm_spectrum.analyzer import CheckpointAnalyzer
-    from hessspec.studies.batchnorm_spectrum.report import compare_results
+    from hessspec.studies.batchnorm_spectrum.results import compare_results
 
     args = [*TINY, "--set", "analysis.bn_modes=[\"eval\"]", "--set",
             "train.checkpoints=[0,8,16]"]  # fmt: skip
@@ -489,7 +535,7 @@ def test_analyze_parameters_trained_elsewhere(tmp_path, fake_analysis, capsys):
     """``analyze --params FILE --config CFG``: the parameters of the file are the ones
     analysed (the stand-in analysis measures their norm: it finds the trained network's
     numbers, not the initial network's), recorded as step 0 without a loss curve."""
-    from hessspec.studies.common.checkpoint import save_params
+    from hessspec.studies.common.params_file import save_params
 
     run = tmp_path / "run"
     assert main([*PLAIN, "--out", str(run)]) == 0
@@ -540,7 +586,7 @@ def test_full_disk_leaves_a_consistent_folder(tmp_path, fake_analysis, monkeypat
     holds; once there is room again --resume completes the run."""
     import errno
 
-    from hessspec.studies.batchnorm_spectrum.report import ResultsWriter
+    from hessspec.studies.batchnorm_spectrum.results import ResultsWriter
     from hessspec.studies.common.runfolder import OutputWriteError
 
     real = ResultsWriter._write_npz
@@ -707,12 +753,12 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, case, needle, no_g
         args += ["--set", "data.name=cifar10", "--set", f"data.path={tmp_path / 'cifar'}",
                  "--set", "model.name=mlp"]  # fmt: skip
     elif case == "ctrl-c during start-up":
-        import hessspec.cli.main
+        import hessspec.studies.batchnorm_spectrum.study
 
         def interrupted(config):
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(hessspec.cli.main, "prepare_study", interrupted)
+        monkeypatch.setattr(hessspec.studies.batchnorm_spectrum.study, "prepare_study", interrupted)
         status = 130
     assert main(args) == status
     err = capsys.readouterr().err
@@ -833,12 +879,12 @@ def _no_training(*args, **kwargs):
 def test_memory_line_before_training(tmp_path, monkeypatch, capsys):
     """A run prints the memory its analysis needs and what is available, before training
     (and before it writes anything)."""
-    import hessspec.cli.main
+    import hessspec.studies.batchnorm_spectrum.study
 
     def stop(setup, out_dir, **kwargs):
         raise _Stop
 
-    monkeypatch.setattr(hessspec.cli.main, "run_study", stop)
+    monkeypatch.setattr(hessspec.studies.batchnorm_spectrum.study, "run_study", stop)
     with pytest.raises(_Stop):
         main([*TINY, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -884,9 +930,10 @@ def test_memory_preflight_and_basis_dtype_reach_the_solvers(monkeypatch):
     import jax
 
     import hessspec.studies.batchnorm_spectrum.analyzer
-    from hessspec.cli.main import analysis_settings, memory_preflight, prepare_study
     from hessspec.nn.objective import make_objective
     from hessspec.studies.batchnorm_spectrum.analyzer import CheckpointAnalyzer
+    from hessspec.studies.batchnorm_spectrum.preflight import memory_preflight
+    from hessspec.studies.batchnorm_spectrum.setup import analysis_settings, prepare_study
 
     jax.config.update("jax_enable_x64", True)
     args = ["model.hidden=[8]", "model.batchnorm=[true]", "analysis.size=64",
@@ -949,8 +996,8 @@ def test_basis_dtype_and_memory_limit_config():
 def test_multi_process_flags_reach_initialize_first(tmp_path, monkeypatch, capsys):
     """--coordinator/--num-processes/--process-id reach hessspec.curvature.distributed.initialize,
     which runs before the data is loaded; a failure to join stops with a clear message."""
-    import hessspec.cli.main
     import hessspec.curvature.distributed
+    import hessspec.studies.batchnorm_spectrum.study
 
     order = []
     monkeypatch.setattr(
@@ -961,7 +1008,7 @@ def test_multi_process_flags_reach_initialize_first(tmp_path, monkeypatch, capsy
         order.append(("prepare_study",))
         raise _Stop
 
-    monkeypatch.setattr(hessspec.cli.main, "prepare_study", prepare)
+    monkeypatch.setattr(hessspec.studies.batchnorm_spectrum.study, "prepare_study", prepare)
     out = tmp_path / "out"
     flags = ["--coordinator", "localhost:23456", "--num-processes", "2", "--process-id", "1"]
     with pytest.raises(_Stop):

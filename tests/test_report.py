@@ -8,19 +8,17 @@ import json
 import numpy as np
 import pytest
 
-from hessspec.studies.batchnorm_spectrum.report import (
+from hessspec.studies.batchnorm_spectrum.report import findings, render_report, write_report
+from hessspec.studies.batchnorm_spectrum.results import (
     ResultsWriter,
-    atomic_write_bytes,
-    atomic_write_text,
     compare_results,
-    findings,
     load_results,
     prepare_output_dir,
-    render_report,
     spectra_key,
     validate_results,
-    write_report,
 )
+from hessspec.studies.common.formatting import fmt
+from hessspec.studies.common.runfolder import atomic_write_bytes, atomic_write_text
 
 K = 3
 
@@ -242,6 +240,60 @@ def test_findings_and_report_state_measured_numbers(tmp_path):
     assert "This run shows" in text
     assert "![Density](figures/density.png)" in text
     assert "σ" in text
+
+
+def _table_rows(text, first_cell):
+    """The cells of the report's table rows whose first cell starts with ``first_cell``."""
+    return [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(f"| {first_cell}")
+    ]
+
+
+def test_report_numbers_are_the_results_numbers(tmp_path):
+    """Every number in report.md is the results.json number through the one formatter of
+    every study (``fmt``): the last-checkpoint row of each run, each row over training, the
+    findings; some checked against the constructed values themselves."""
+    results, _ = load_results(_study(tmp_path).out_dir)
+    text = render_report(results, {})
+    for run in results["runs"]:
+        k, c = run["num_classes"], run["checkpoints"][-1]
+        rel = max(c["relative_residuals"])
+        (row,) = _table_rows(text, f"{run['name']} (")
+        assert row[1:] == [
+            fmt(c["step"]), fmt(run["num_params"]), fmt(c["top_eigenvalues"][0]),
+            fmt(c["bulk_edge"]), f"{fmt(c['num_outliers'])} ({k})", fmt(c["outlier_ratio"]),
+            fmt(c["lambda1_over_lambdaK"]), f"{fmt(c['trace'])} ± {fmt(c['trace_stderr'], 2)}",
+            fmt(c["gradient_energy_full"][k - 1]),
+            f"{fmt(c['gradient_energy_minibatch_mean'][k - 1])} ± "
+            f"{fmt(c['gradient_energy_minibatch_std'][k - 1], 2)}",
+            fmt(rel, 2), fmt(c["train_loss"]), fmt(c["test_accuracy"]),
+        ]  # fmt: skip
+    # the run without BN at step 10: lambda_1 = 40, bulk edge 2, ratio 20, lambda_1/lambda_K
+    # = 40/20, trace 3 * 95.7, 0.9 of the gradient in the top-3 space, 0.5 test accuracy
+    (row,) = _table_rows(text, "mlp (no BN)")
+    assert row[1:8] == ["10", "100", "40", "2", "3 (3)", "20", "2"]
+    assert row[8].startswith("287 ± ") and row[9] == "0.9" and row[-1] == "0.5"
+    for run in results["runs"]:
+        section = text.split(f"## {run['name']} (", 1)[1].split("\n## ", 1)[0]
+        rows = _table_rows(section, "")[1:]  # below the header
+        k = run["num_classes"]
+        assert rows == [
+            [
+                fmt(c["step"]), fmt(c["train_loss"]), fmt(c["test_accuracy"]),
+                fmt(c["top_eigenvalues"][0]), fmt(c["num_outliers"]), fmt(c["outlier_ratio"]),
+                fmt(c["lambda1_over_lambdaK"]), fmt(c["gradient_energy_full"][k - 1]),
+                fmt(c["gradient_energy_minibatch_mean"][k - 1]), fmt(c["density_sigma"], 2),
+            ]
+            for c in run["checkpoints"]
+        ]  # fmt: skip
+    (f,) = findings(results)
+    for key in ("outlier_ratio_plain", "outlier_ratio_bn", "outlier_ratio_quotient",
+                "energy_topK_plain", "energy_topK_bn", "energy_topK_difference",
+                "minibatch_energy_topK_plain", "minibatch_energy_topK_bn"):  # fmt: skip
+        assert fmt(f[key]) in text, key
+    assert f"{fmt(results['timing']['seconds_total'])} s in all" in text
 
 
 def test_write_report_draws_every_figure(tmp_path):

@@ -29,7 +29,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -277,24 +277,12 @@ class CheckpointAnalyzer:
         """
         s = self.settings
         op = self.operator(objective)
+        basis = {"basis_dtype": s.basis_dtype}
+        krylov = {**basis, "basis_memory": s.basis_memory}
         return [
-            estimate_memory(
-                op,
-                k=s.top_k,
-                num_steps=s.lanczos_steps,
-                basis_dtype=s.basis_dtype,
-                basis_memory=s.basis_memory,
-            ),
-            estimate_memory(
-                op,
-                num_probes=s.slq_probes,
-                num_steps=s.slq_steps,
-                basis_dtype=s.basis_dtype,
-                basis_memory=s.basis_memory,
-            ),
-            estimate_memory(
-                op, num_matvecs=s.trace_matvecs, method=s.trace_method, basis_dtype=s.basis_dtype
-            ),
+            estimate_memory(op, k=s.top_k, num_steps=s.lanczos_steps, **krylov),
+            estimate_memory(op, num_probes=s.slq_probes, num_steps=s.slq_steps, **krylov),
+            estimate_memory(op, num_matvecs=s.trace_matvecs, method=s.trace_method, **basis),
         ]
 
     def full_gradient(self, objective: Objective) -> tuple[float, np.ndarray]:
@@ -341,6 +329,48 @@ class CheckpointAnalyzer:
         grads = self._minibatch_grads(objective.params, objective.stats, xb, yb)
         return np.asarray(grads, dtype=np.float64)
 
+    def _eigenpairs(self, op: LinearOperator, key: jax.Array):
+        """The top ``settings.top_k`` eigenpairs, and the Lanczos convergence notes (other
+        warnings are passed on)."""
+        s = self.settings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LanczosConvergenceWarning)
+            eig = top_eigenpairs(
+                op,
+                s.top_k,
+                num_steps=s.lanczos_steps,
+                key=key,
+                tol=s.tol,
+                basis_dtype=s.basis_dtype,
+                basis_memory=s.basis_memory,
+                check_memory=self.check_memory,
+            )
+        notes = [
+            str(w.message) for w in caught if issubclass(w.category, LanczosConvergenceWarning)
+        ]
+        for w in caught:  # pass on anything that is not the convergence note
+            if not issubclass(w.category, LanczosConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return eig, notes
+
+    def _density(self, op: LinearOperator, key: jax.Array, values: np.ndarray) -> _Density:
+        """The SLQ density, smoothed with Ghorbani's width on a grid that covers it and the
+        top eigenvalues."""
+        s = self.settings
+        sd = spectral_density(
+            op,
+            num_probes=s.slq_probes,
+            num_steps=s.slq_steps,
+            key=key,
+            basis_dtype=s.basis_dtype,
+            basis_memory=s.basis_memory,
+            check_memory=self.check_memory,
+        )
+        sigma = sd.default_sigma
+        lo, hi = min(sd.lambda_min, float(values.min())), max(sd.lambda_max, float(values.max()))
+        grid = density_grid(lo, hi, sigma)
+        return _Density(sd, sigma, grid, sd.density(grid, sigma))
+
     def analyse(
         self,
         objective: Objective,
@@ -376,45 +406,12 @@ class CheckpointAnalyzer:
         stage("hessian")
         op = self.operator(objective)
         k_eig, k_slq, k_tr = jax.random.split(key, 3)
-
         stage("top eigenpairs")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", LanczosConvergenceWarning)
-            eig = top_eigenpairs(
-                op,
-                s.top_k,
-                num_steps=s.lanczos_steps,
-                key=k_eig,
-                tol=s.tol,
-                basis_dtype=s.basis_dtype,
-                basis_memory=s.basis_memory,
-                check_memory=self.check_memory,
-            )
-        notes = [
-            str(w.message) for w in caught if issubclass(w.category, LanczosConvergenceWarning)
-        ]
-        for w in caught:  # pass on anything that is not the convergence note
-            if not issubclass(w.category, LanczosConvergenceWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        eig, notes = self._eigenpairs(op, k_eig)
         values = np.asarray(eig.values, dtype=np.float64)
         vectors = np.asarray(eig.vectors, dtype=np.float64)
-
         stage("density")
-        sd = spectral_density(
-            op,
-            num_probes=s.slq_probes,
-            num_steps=s.slq_steps,
-            key=k_slq,
-            basis_dtype=s.basis_dtype,
-            basis_memory=s.basis_memory,
-            check_memory=self.check_memory,
-        )
-        sigma = sd.default_sigma
-        grid = density_grid(
-            min(sd.lambda_min, float(values.min())), max(sd.lambda_max, float(values.max())), sigma
-        )
-        dens = sd.density(grid, sigma)
-
+        density = self._density(op, k_slq, values)
         stage("trace")
         tr = trace(
             op,
@@ -424,45 +421,23 @@ class CheckpointAnalyzer:
             basis_dtype=s.basis_dtype,
             check_memory=self.check_memory,
         )
-
-        k_ref = max(self.num_classes, 1)
-        split = outlier_split(values, k_ref) if values.size >= max(2, k_ref) else None
-
         stage("gradients")
         analysis_loss, g = self.full_gradient(objective)
-        energy_full = gradient_energy(g, vectors)
         mb = self.minibatch_gradients(objective, seed)
         energy_mb = gradient_energy(mb, vectors)
-
         stage("metrics")
-        train_loss, train_acc = self.evaluate(objective, self.train_set)
-        test_loss, test_acc = self.evaluate(objective, self.test_set)
-
         record = {
-            "train_loss": _finite_or_none(train_loss),
-            "train_accuracy": _finite_or_none(train_acc),
-            "test_loss": _finite_or_none(test_loss),
-            "test_accuracy": _finite_or_none(test_acc),
+            **self._metrics_record(objective),
             "analysis_loss": _finite_or_none(analysis_loss),
-            "top_eigenvalues": _floats(values),
-            "residuals": _floats(eig.residuals),
-            "relative_residuals": _floats(
-                np.asarray(eig.residuals) / max(float(np.max(np.abs(values))), 1e-300)
-            ),
-            "converged": [bool(c) for c in np.asarray(eig.converged)],
-            "lanczos_matvecs": int(eig.num_matvecs),
+            **_eigen_record(eig, values, notes),
             "trace": _finite_or_none(tr.value),
             "trace_stderr": _finite_or_none(tr.stderr),
-            "num_outliers": int(split.num_outliers) if split else 0,
-            "reference_outliers": int(k_ref),
-            "bulk_edge": _finite_or_none(split.bulk_edge) if split else None,
-            "outlier_ratio": _finite_or_none(split.outlier_ratio) if split else None,
-            "lambda1_over_lambdaK": _finite_or_none(split.ratio_to_kth) if split else None,
-            "slq_lambda_min": _finite_or_none(sd.lambda_min),
-            "slq_lambda_max": _finite_or_none(sd.lambda_max),
-            "density_sigma": _finite_or_none(sigma),
+            **_outlier_record(values, max(self.num_classes, 1)),
+            "slq_lambda_min": _finite_or_none(density.sd.lambda_min),
+            "slq_lambda_max": _finite_or_none(density.sd.lambda_max),
+            "density_sigma": _finite_or_none(density.sigma),
             "gradient_norm": _finite_or_none(np.linalg.norm(g)),
-            "gradient_energy_full": _floats(energy_full),
+            "gradient_energy_full": _floats(gradient_energy(g, vectors)),
             "gradient_energy_minibatch_mean": _floats(energy_mb.mean(axis=0)),
             "gradient_energy_minibatch_std": _floats(energy_mb.std(axis=0)),
             "minibatch_gradient_norm_mean": _finite_or_none(np.linalg.norm(mb, axis=1).mean()),
@@ -470,13 +445,59 @@ class CheckpointAnalyzer:
             "seconds": time.perf_counter() - t0,
         }
         arrays = {
-            "nodes": np.asarray(sd.nodes, dtype=np.float64),
-            "weights": np.asarray(sd.weights, dtype=np.float64),
+            "nodes": np.asarray(density.sd.nodes, dtype=np.float64),
+            "weights": np.asarray(density.sd.weights, dtype=np.float64),
             "eigenvalues": values,
             "residuals": np.asarray(eig.residuals, dtype=np.float64),
             "eigenvectors": vectors.astype(np.float32),
-            "density_grid": grid,
-            "density": dens,
+            "density_grid": density.grid,
+            "density": density.values,
             "gradient_energy_minibatch": energy_mb,
         }
         return CheckpointAnalysis(record=record, arrays=arrays)
+
+    def _metrics_record(self, objective: Objective) -> dict[str, float | None]:
+        """Loss and accuracy on the training and test sets."""
+        train_loss, train_acc = self.evaluate(objective, self.train_set)
+        test_loss, test_acc = self.evaluate(objective, self.test_set)
+        return {
+            "train_loss": _finite_or_none(train_loss),
+            "train_accuracy": _finite_or_none(train_acc),
+            "test_loss": _finite_or_none(test_loss),
+            "test_accuracy": _finite_or_none(test_acc),
+        }
+
+
+class _Density(NamedTuple):
+    """The SLQ result, the smoothing width, the grid and the smoothed density on it."""
+
+    sd: Any
+    sigma: float
+    grid: np.ndarray
+    values: np.ndarray
+
+
+def _eigen_record(eig, values: np.ndarray, notes: list[str]) -> dict[str, Any]:
+    """The top eigenvalues with their residuals (absolute, and relative to the largest
+    ``|lambda|``), which pairs converged, and the matvecs Lanczos spent."""
+    scale = max(float(np.max(np.abs(values))), 1e-300)
+    return {
+        "top_eigenvalues": _floats(values),
+        "residuals": _floats(eig.residuals),
+        "relative_residuals": _floats(np.asarray(eig.residuals) / scale),
+        "converged": [bool(c) for c in np.asarray(eig.converged)],
+        "lanczos_matvecs": int(eig.num_matvecs),
+    }
+
+
+def _outlier_record(values: np.ndarray, k_ref: int) -> dict[str, Any]:
+    """The outlier/bulk split of the top eigenvalues against ``K = k_ref`` classes
+    (:func:`hessspec.analysis.spectrum.outlier_split`; nulls when too few values)."""
+    split = outlier_split(values, k_ref) if values.size >= max(2, k_ref) else None
+    return {
+        "num_outliers": int(split.num_outliers) if split else 0,
+        "reference_outliers": int(k_ref),
+        "bulk_edge": _finite_or_none(split.bulk_edge) if split else None,
+        "outlier_ratio": _finite_or_none(split.outlier_ratio) if split else None,
+        "lambda1_over_lambdaK": _finite_or_none(split.ratio_to_kth) if split else None,
+    }

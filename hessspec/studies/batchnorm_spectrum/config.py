@@ -32,10 +32,6 @@ from hessspec.nn.train import TrainConfig
 from hessspec.studies.common.config import (
     MAX_SEED,
     ConfigError,
-    _coerce,
-    _describe_value,
-    _hints,
-    _unknown_key,
     config_from_mapping,
     config_to_mapping,
     config_to_toml,
@@ -55,6 +51,7 @@ __all__ = [
     "QUICK_OVERRIDES",
     "TrainConfig",
     "apply_overrides",
+    "build_config",
     "checkpoint_steps",
     "config_from_dict",
     "config_to_dict",
@@ -66,7 +63,7 @@ __all__ = [
 ]
 
 #: Value of the optional top-level ``experiment`` key of this study's TOML files (other
-#: values name other studies, which :mod:`hessspec.cli.main` dispatches to).
+#: values name other studies, which :mod:`hessspec.cli.registry` lists).
 EXPERIMENT = "batchnorm_spectrum"
 DATASETS = ("digits", "mnist", "cifar10")
 MODELS = ("mlp", "cnn", "resnet", "linear")
@@ -226,46 +223,26 @@ QUICK_OVERRIDES: tuple[str, ...] = (
 )
 
 
-def _section_classes() -> dict[str, type]:
-    return {
-        name: hint
-        for name, hint in _hints(Config).items()
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint)
-    }
-
-
 def config_from_dict(values: Mapping[str, Any]) -> Config:
-    """Build a :class:`Config` from a (partial) nested mapping, checking keys and types.
+    """Build a :class:`Config` from a (partial) nested mapping, checking keys and types
+    (:func:`hessspec.studies.common.config.config_from_mapping`).
 
     Args:
         values: ``{"seed": 1, "train": {"steps": 100}, ...}``; absent keys keep defaults.
             An ``experiment`` key is accepted when it is :data:`EXPERIMENT`.
 
     Raises:
-        ConfigError: unknown key, wrong type, or a section that is not a table.
+        ConfigError: another ``experiment``, an unknown key, a wrong type, or a section that
+            is not a table.
     """
-    sections = _section_classes()
-    hints = _hints(Config)
-    kwargs: dict[str, Any] = {}
-    for k, v in values.items():
-        if k == "experiment":
-            if v != EXPERIMENT:
-                raise ConfigError(
-                    f"config key 'experiment' is {v!r}: that is not this study "
-                    f"({EXPERIMENT!r}); python -m hessspec.run --config FILE runs each study "
-                    "its file names."
-                )
-        elif k in sections:
-            if not isinstance(v, Mapping):
-                raise ConfigError(
-                    f"config key {k!r} must be a table ([{k}] in TOML), got {_describe_value(v)}."
-                )
-            kwargs[k] = config_from_mapping(sections[k], v, prefix=f"{k}.")
-        elif k in hints:
-            kwargs[k] = _coerce(v, hints[k], k)
-        else:
-            raise _unknown_key(k, hints)
-    return Config(**kwargs)
+    experiment = values.get("experiment", EXPERIMENT) if isinstance(values, Mapping) else None
+    if experiment != EXPERIMENT:
+        raise ConfigError(
+            f"config key 'experiment' is {experiment!r}: that is not this study "
+            f"({EXPERIMENT!r}); python -m hessspec.run --config FILE runs each study "
+            "its file names."
+        )
+    return config_from_mapping(Config, values, experiment=EXPERIMENT)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -296,6 +273,33 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
         ConfigError: no ``=``, an unknown key, or a value of the wrong type.
     """
     return common_apply_overrides(config, overrides, example="train.steps=200")
+
+
+def build_config(
+    path: str | Path | None = None,
+    *,
+    quick: bool = False,
+    overrides: Iterable[str] = (),
+    seed: int | None = None,
+    memory_limit_gib: float | None = None,
+) -> Config:
+    """The config of a run, built the way the command line builds it: the TOML file at
+    ``path`` (or the defaults), then :data:`QUICK_OVERRIDES` when ``quick``, then
+    ``overrides`` in order, then ``seed`` and ``memory_limit_gib`` when given; validated.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type, invalid value.
+    """
+    config = load_config(path) if path else Config()
+    if quick:
+        config = apply_overrides(config, QUICK_OVERRIDES)
+    config = apply_overrides(config, overrides)
+    if seed is not None:
+        config = dataclasses.replace(config, seed=seed)
+    if memory_limit_gib is not None:
+        analysis = dataclasses.replace(config.analysis, memory_limit_gib=memory_limit_gib)
+        config = dataclasses.replace(config, analysis=analysis)
+    return validate(config)
 
 
 def checkpoint_steps(train: TrainConfig) -> list[int]:

@@ -1,10 +1,10 @@
 """Figures of a study, drawn from its results (the parsed results.json) and spectra arrays.
 
 Every function returns a ``matplotlib.figure.Figure`` built without pyplot (no display, no
-global state); :func:`hessspec.studies.batchnorm_spectrum.report.write_report` saves them as PNG.
-They read only the
-documented entries of results.json and spectra.npz, so a notebook can redraw a finished
-run with ``hessspec.studies.batchnorm_spectrum.report.load_results(folder)``.
+global state); :func:`hessspec.studies.batchnorm_spectrum.report.write_report` saves them as
+PNG. They read only the documented entries of results.json and spectra.npz, so a notebook
+can redraw a finished run with
+``hessspec.studies.batchnorm_spectrum.results.load_results(folder)``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from hessspec.studies.batchnorm_spectrum.report import spectra_key
+from hessspec.studies.batchnorm_spectrum.results import spectra_key
 
 __all__ = [
     "density_figure",

@@ -16,10 +16,8 @@ network is saved). orbax writes each checkpoint into a temporary folder and rena
 complete, so a checkpoint folder either holds a whole state or does not exist.
 
 :func:`load_checkpoint` reads one back (``hs.load_checkpoint``), with the config that
-rebuilds its model (:meth:`Checkpoint.model`). :func:`load_params` reads a parameter pytree
-trained elsewhere (``.npz`` or an orbax folder) into a model built from a config, for
-``python -m hessspec.run analyze --params FILE --config CFG``; :func:`save_params` writes
-that ``.npz`` format.
+rebuilds its model (:meth:`Checkpoint.model`). Parameters trained elsewhere are read by
+:mod:`hessspec.studies.common.params_file`.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,12 +43,15 @@ __all__ = [
     "CheckpointError",
     "build_model",
     "checkpoint_path",
+    "is_prng_key",
     "load_checkpoint",
-    "load_params",
+    "orbax_checkpointer",
+    "quiet_orbax_logs",
+    "read_meta",
     "restore_state",
     "save_checkpoint",
-    "save_params",
     "saved_checkpoints",
+    "to_numpy",
 ]
 
 FORMAT = "hessspec-checkpoint-1"
@@ -107,19 +107,20 @@ def checkpoint_path(run_dir: str | Path, step: int, network: str) -> Path:
 # -- pytrees as numpy -----------------------------------------------------------------------
 
 
-def _is_key(leaf: Any) -> bool:
+def is_prng_key(leaf: Any) -> bool:
+    """Whether ``leaf`` is an array of typed PRNG keys."""
     import jax
 
     dtype = getattr(leaf, "dtype", None)
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def _to_numpy(tree: Any) -> Any:
+def to_numpy(tree: Any) -> Any:
     """Every leaf as a numpy array (typed PRNG keys as their raw key data)."""
     import jax
 
     def one(leaf):
-        if _is_key(leaf):
+        if is_prng_key(leaf):
             return np.asarray(jax.random.key_data(leaf))
         return np.asarray(leaf)
 
@@ -131,14 +132,15 @@ def _like(restored: Any, template: Any) -> Any:
     import jax
 
     def one(value, like):
-        if _is_key(like):
+        if is_prng_key(like):
             return jax.random.wrap_key_data(np.asarray(value), impl=jax.random.key_impl(like))
         return np.asarray(value)
 
     return jax.tree_util.tree_map(one, restored, template)
 
 
-def _checkpointer():
+def orbax_checkpointer():
+    """The orbax checkpointer of hessspec checkpoints (``state`` and ``meta`` items)."""
     import orbax.checkpoint as ocp
 
     # process 0 alone writes (a multi-process run trains the same replicated state everywhere)
@@ -146,7 +148,8 @@ def _checkpointer():
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=options)
 
 
-def _silence_orbax_logs() -> None:
+def quiet_orbax_logs() -> None:
+    """Only warnings and errors from orbax and absl."""
     import logging
 
     for name in ("absl", "orbax"):
@@ -183,9 +186,8 @@ def save_checkpoint(
         ``path``.
 
     Raises:
-        hessspec.studies.common.runfolder.OutputWriteError: the write failed (a full disk says so);
-        no
-            folder is left at ``path``.
+        hessspec.studies.common.runfolder.OutputWriteError: the write failed (a full disk
+            says so); no folder is left at ``path``.
     """
     import orbax.checkpoint as ocp
 
@@ -193,12 +195,12 @@ def save_checkpoint(
     from hessspec.studies.batchnorm_spectrum.config import config_to_dict
     from hessspec.studies.common.runfolder import OutputWriteError, _write_error
 
-    _silence_orbax_logs()
+    quiet_orbax_logs()
     path = Path(path).absolute()
     tree = {
-        "params": _to_numpy(state.params),
-        "rest": _to_numpy(state.rest),
-        "opt_state": _to_numpy(state.opt_state),
+        "params": to_numpy(state.params),
+        "rest": to_numpy(state.rest),
+        "opt_state": to_numpy(state.opt_state),
     }
     if state.step:  # orbax refuses empty arrays: no curve at step 0
         tree["loss_curve"] = np.asarray(state.losses, dtype=np.float64)
@@ -220,7 +222,7 @@ def save_checkpoint(
         if path.exists():
             shutil.rmtree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _checkpointer().save(
+        orbax_checkpointer().save(
             path,
             ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
         )
@@ -238,7 +240,7 @@ def save_checkpoint(
 # -- reading ----------------------------------------------------------------------------------
 
 
-def _read_meta(path: Path) -> dict[str, Any] | None:
+def read_meta(path: Path) -> dict[str, Any] | None:
     """The ``meta`` item of a hessspec checkpoint folder, or None if it is not one."""
     import json
 
@@ -264,7 +266,7 @@ def saved_checkpoints(run_dir: str | Path) -> dict[str, dict[int, dict[str, Any]
         if not step_dir.is_dir() or not step_dir.name.isdigit():
             continue
         for net_dir in step_dir.iterdir():
-            meta = _read_meta(net_dir) if net_dir.is_dir() else None
+            meta = read_meta(net_dir) if net_dir.is_dir() else None
             if meta is not None and meta.get("step") == int(step_dir.name):
                 found.setdefault(net_dir.name, {})[int(step_dir.name)] = meta
     return found
@@ -338,7 +340,7 @@ class Checkpoint:
 
 def _resolve(path: Path, network: str | None, step: int | None) -> Path:
     """The checkpoint folder meant by a run folder, a step folder or a checkpoint folder."""
-    if _read_meta(path) is not None:
+    if read_meta(path) is not None:
         return path
     if (path / CHECKPOINTS_DIR).is_dir() or (path / "results.json").is_file():
         found = saved_checkpoints(path)
@@ -364,7 +366,7 @@ def _resolve(path: Path, network: str | None, step: int | None) -> Path:
             )
         return checkpoint_path(path, chosen, network)
     if path.is_dir() and path.name.isdigit():
-        nets = sorted(p.name for p in path.iterdir() if _read_meta(p) is not None)
+        nets = sorted(p.name for p in path.iterdir() if read_meta(p) is not None)
         if network is None and len(nets) == 1:
             network = nets[0]
         if network is None or network not in nets:
@@ -389,11 +391,11 @@ def restore_state(path: str | Path, template: Any) -> Any:
     """
     import orbax.checkpoint as ocp
 
-    _silence_orbax_logs()
+    quiet_orbax_logs()
     try:
-        restored = _checkpointer().restore(
+        restored = orbax_checkpointer().restore(
             Path(path).absolute(),
-            ocp.args.Composite(state=ocp.args.StandardRestore(_to_numpy(template))),
+            ocp.args.Composite(state=ocp.args.StandardRestore(to_numpy(template))),
         )["state"]
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read the saved state: {e}") from None
@@ -423,12 +425,12 @@ def load_checkpoint(
     from hessspec.nn.train import make_optimizer
     from hessspec.studies.batchnorm_spectrum.config import ConfigError, config_from_dict
 
-    _silence_orbax_logs()
+    quiet_orbax_logs()
     path = Path(path).expanduser().absolute()
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist.")
     path = _resolve(path, network, step)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     try:
         config = config_from_dict(meta["config"])
     except (ConfigError, KeyError) as e:
@@ -463,180 +465,3 @@ def load_checkpoint(
         input_shape=shape,
         num_classes=int(meta["num_classes"]),
     )
-
-
-# -- parameter files --------------------------------------------------------------------------
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as ``{"a/b/0/c": leaf}``."""
-    if isinstance(tree, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        return out
-    return {prefix.rstrip("/"): tree}
-
-
-def save_params(path: str | Path, model: nnx.Module) -> Path:
-    """Write a model's parameters and other state (BatchNorm running averages) as ``.npz``,
-    one array per leaf named by its path (``"head/kernel"``, ``"norms/0/mean"``): the
-    format :func:`load_params` (and ``analyze --params``) reads.
-
-    Returns:
-        The path written (``.npz`` added when missing).
-    """
-    import io
-
-    from flax import nnx
-
-    from hessspec.studies.common.runfolder import atomic_write_bytes
-
-    path = Path(path)
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
-    arrays = _flatten(_to_numpy(nnx.to_pure_dict(nnx.state(model))))
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def _read_params_file(path: Path) -> dict[str, np.ndarray]:
-    """``{"a/b": array}`` from an ``.npz`` file or an orbax folder (a hessspec checkpoint:
-    its params and rest; else the pytree saved there)."""
-    if path.is_dir():
-        import orbax.checkpoint as ocp
-
-        _silence_orbax_logs()
-        if _read_meta(path) is not None:
-            try:
-                state = _checkpointer().restore(path)["state"]
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot read the checkpoint: {e}") from None
-            flat = _flatten({"": state["params"]})
-            flat.update(_flatten({"": state["rest"]}))
-            return {k.lstrip("/"): np.asarray(v) for k, v in flat.items()}
-        errors = []
-        for handler in (ocp.StandardCheckpointHandler, ocp.PyTreeCheckpointHandler):
-            try:
-                tree = ocp.Checkpointer(handler()).restore(path)
-                break
-            except Exception as e:  # noqa: BLE001 - try the next format
-                errors.append(f"{type(e).__name__}: {e}")
-        else:
-            raise CheckpointError(
-                f"{path}: not an orbax checkpoint of a parameter pytree ({errors[-1]})."
-            )
-        if not isinstance(tree, Mapping):
-            raise CheckpointError(f"{path}: expected a nested dict of arrays, got {type(tree)}.")
-        return {k: np.asarray(v) for k, v in _flatten(tree).items()}
-    if path.suffix != ".npz":
-        raise CheckpointError(
-            f"{path}: a parameter file must be an .npz file or an orbax checkpoint folder."
-        )
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a readable .npz file ({e}).") from None
-
-
-def load_params(path: str | Path, model: nnx.Module, *, need_statistics: bool = False) -> bool:
-    """Load a parameter pytree trained elsewhere into ``model`` (in place).
-
-    The file is an ``.npz`` whose array names are the paths of the model's state leaves
-    (``"head/kernel"``, ``"linears/0/kernel"``, ``"norms/0/scale"``; BatchNorm running
-    averages ``"norms/0/mean"``, ``"norms/0/var"`` are optional), as :func:`save_params`
-    writes it, or an orbax folder holding such a nested dict (or a hessspec checkpoint).
-    Names may carry a ``params/`` prefix and the statistics a ``rest/`` or
-    ``batch_stats/`` prefix. Every parameter of the model must be present with its shape;
-    values are cast to the model's dtype.
-
-    Args:
-        path: the file or folder.
-        model: the network built from the config (:func:`build_model`).
-        need_statistics: refuse a file without BatchNorm running averages (an eval-mode
-            analysis needs them).
-
-    Returns:
-        Whether the file held the BatchNorm running averages (else the model keeps its
-        initial ones).
-
-    Raises:
-        CheckpointError: unreadable file, missing or unknown names, wrong shapes; the
-            message names them.
-    """
-    from flax import nnx
-
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"parameter file {path} does not exist.")
-    stored = _read_params_file(path)
-    for prefix in ("params/", "rest/", "batch_stats/"):
-        stored = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in stored.items()}
-    params = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    others = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))))
-    others = {k: v for k, v in others.items() if not _is_key(v)}
-    missing = sorted(set(params) - set(stored))
-    if missing:
-        shown = ", ".join(missing[:4]) + (
-            f" and {len(missing) - 4} more" if len(missing) > 4 else ""
-        )
-        raise CheckpointError(
-            f"{path} lacks parameters of the model: {shown} (it holds "
-            f"{', '.join(sorted(stored)[:6]) or 'nothing'}). Build the model the file was "
-            "trained with (model.* in --config), or name the arrays by their paths."
-        )
-    unknown = sorted(set(stored) - set(params) - set(others))
-    if unknown:
-        raise CheckpointError(
-            f"{path} holds arrays the model does not have: {', '.join(unknown[:4])}; check "
-            "model.* in --config."
-        )
-    with_stats = bool(others) and all(k in stored for k in others)
-    if need_statistics and others and not with_stats:
-        raise CheckpointError(
-            f"{path} holds no BatchNorm running averages ({', '.join(sorted(others)[:2])}, ...),"
-            " which eval mode needs; analyse in train or population mode "
-            "(--set analysis.bn_modes=train,population)."
-        )
-    for name, like in [*params.items(), *(others.items() if with_stats else [])]:
-        value = np.asarray(stored[name])
-        if value.shape != tuple(np.shape(like)):
-            raise CheckpointError(
-                f"{path}: {name!r} has shape {value.shape}; the model needs {np.shape(like)}."
-            )
-        if not np.all(np.isfinite(value)):
-            raise CheckpointError(f"{path}: {name!r} holds non-finite values.")
-
-    def rebuild(template):
-        flat = _flatten(template)
-        values = {k: np.asarray(stored[k], dtype=np.asarray(v).dtype) for k, v in flat.items()}
-
-        def fill(tree, prefix=""):
-            if isinstance(tree, Mapping):
-                return {k: fill(v, f"{prefix}{k}/") for k, v in tree.items()}
-            return values[prefix.rstrip("/")]
-
-        return fill(template)
-
-    nnx.update(model, rebuild(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
-    if with_stats:
-        state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-        nnx.update(model, rebuild(_select(state, others)))
-    return with_stats
-
-
-def _select(tree: Any, keep: Mapping[str, Any], prefix: str = "") -> Any:
-    """The sub-dict of ``tree`` whose flattened leaf paths are in ``keep``."""
-    out = {}
-    for k, v in tree.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            sub = _select(v, keep, name + "/")
-            if sub:
-                out[k] = sub
-        elif name in keep:
-            out[k] = v
-    return out
