@@ -93,6 +93,10 @@ _LAZY = {
     "hessspec.studies.common.checkpoint": ("Checkpoint", "load_checkpoint"),
     "hessspec.studies.input_bias": ("InputBiasConfig", "run_input_bias_study"),
     "hessspec.studies.santurkar": ("SanturkarConfig", "run_santurkar_study"),
+    "hessspec.studies.edge_of_stability": (
+        "EdgeOfStabilityConfig",
+        "run_edge_of_stability_study",
+    ),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
 

@@ -79,6 +79,14 @@ STUDIES: dict[str, RegisteredStudy] = {
         "QUICK_OVERRIDES",
         "Santurkar et al.: BatchNorm and the smoothness of the loss landscape",
     ),
+    "edge_of_stability": RegisteredStudy(
+        "hessspec.studies.edge_of_stability",
+        "EdgeOfStabilityConfig",
+        "run_edge_of_stability_study",
+        "QUICK_OVERRIDES",
+        "Cohen et al.: full-batch gradient descent at the edge of stability (sharpness "
+        "against 2 / lr)",
+    ),
 }
 
 #: The study of a config file without an ``experiment`` key, and of no config file.
