@@ -51,11 +51,24 @@ def _draw_sharpness(ax, run: Mapping[str, Any], color: str) -> None:
         ax.set_yscale("log")
 
 
+def _clip_to_stable_runs(fig, results: Mapping[str, Any]) -> None:
+    """Each panel's y range from the runs that did not diverge (a diverging run's sharpness
+    grows by orders of magnitude and would flatten the others); it leaves the panel."""
+    for ax, network in zip(fig.axes, _networks(results), strict=False):
+        stable = [r for r in results["runs"] if r["network"] == network and not r["diverged_at"]]
+        values = [p["lambda_max"] for r in stable for p in r["sharpness"]]
+        values += [r["stability_threshold"] for r in stable]
+        if values and min(values) > 0:
+            ax.set_ylim(min(values) / 1.15, max(values) * 1.15)
+
+
 def plot_sharpness(results: Mapping[str, Any], axes=None):
     """``lambda_max`` of the training loss against the step, one panel per network (log
-    scale when every value is positive); the dashed line of the same colour is the run's
-    threshold, 2 / lr (gradient descent) or (2 + 2 momentum) / lr (heavy ball)."""
+    scale when every value is positive; the y range that of the runs that did not
+    diverge); the dashed line of the same colour is the run's threshold, 2 / lr (gradient
+    descent) or (2 + 2 momentum) / lr (heavy ball)."""
     fig = _by_network(results, _draw_sharpness, axes, "sharpness $\\lambda_{max}$")
+    _clip_to_stable_runs(fig, results)
     fig.suptitle("Sharpness during full-batch training; dashed: stability threshold")
     return fig
 
