@@ -264,7 +264,8 @@ class CheckpointAnalyzer:
             self._minibatch_grads(objective.params, objective.stats, xb, yb), dtype=np.float64
         )
         if s.weight_decay:
-            grads += s.weight_decay * np.asarray(ravel_pytree(objective.params)[0], np.float64)
+            w = np.asarray(ravel_pytree(objective.params)[0], np.float64)
+            grads = grads + s.weight_decay * w
         return grads
 
     def _eigenpairs(self, op: LinearOperator, key: jax.Array):

@@ -194,10 +194,12 @@ class AnalysisConfig:
         "adam's decay is decoupled (AdamW), no term of the loss, and never added",
     )
     per_layer: bool = _f(
-        True,
+        False,
         "per-layer spectra at every checkpoint: one block per layer (its kernel and bias with "
         "the scale and shift of the BatchNorm after it), each block's top eigenvalues, SLQ "
-        "density and trace, and the Jensen-Shannon distances between the block densities",
+        "density and trace, and the Jensen-Shannon distances between the block densities. "
+        "Off by default (the default run's 40 s budget: it costs about 10 s more there, "
+        "mostly compiling each block's programs); on in experiments/digits_*.toml",
     )
     per_layer_top_k: int = _f(3, "per-layer spectra: top eigenpairs per block")
     per_layer_slq_probes: int = _f(4, "per-layer spectra: SLQ probe vectors per block")

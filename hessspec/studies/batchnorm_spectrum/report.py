@@ -325,7 +325,8 @@ def _finding_lines(f: Mapping[str, Any]) -> list[str]:
         f"{fmt(f['headline_ratio_bn'])} with BN"
         + (f" — {fmt(q)} times larger without BN." if q is not None else ".")
         + f" (Gap-based outlier ratio λ1/bulk edge: {fmt(f['outlier_ratio_plain'])} vs "
-        f"{fmt(f['outlier_ratio_bn'])}.)"
+        f"{fmt(f['outlier_ratio_bn'])}"
+        + (f", {fmt(r)} times.)" if (r := f["outlier_ratio_quotient"]) is not None else ".)")
         + f" Fraction of the full-batch gradient in the top-{k} eigenspace: "
         f"{fmt(f['energy_topK_plain'])} without BN, {fmt(f['energy_topK_bn'])} with BN"
         + (f" (difference {fmt(d)})." if d is not None else ".")
