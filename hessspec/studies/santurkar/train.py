@@ -66,9 +66,9 @@ def train_mode_loss(graphdef, loss: str = "cross_entropy"):
     Returns:
         ``loss_fn(params, batch) -> scalar`` mean loss.
     """
-    from hessspec.nn.train import _model_loss
+    from hessspec.nn.train import model_train_loss
 
-    forward = _model_loss(graphdef, loss)  # (params, state, batch) -> (loss, new state)
+    forward = model_train_loss(graphdef, loss)  # (params, state, batch) -> (loss, new state)
 
     def loss_fn(params, batch):
         return forward(params, batch["state"], batch)[0]
@@ -122,7 +122,7 @@ def _compiled_for(cache: dict, variant: str, config: SanturkarConfig, graphdef) 
     every learning rate of the sweep."""
     import optax
 
-    from hessspec.nn.train import _model_loss
+    from hessspec.nn.train import model_train_loss
 
     if "sgd" not in cache:  # lr and momentum live in the optimizer state
         cache["sgd"] = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
@@ -130,7 +130,7 @@ def _compiled_for(cache: dict, variant: str, config: SanturkarConfig, graphdef) 
     if key not in cache:
         cache[key] = {
             "loss_fn": train_mode_loss(graphdef),
-            "forward": _model_loss(graphdef, "cross_entropy"),
+            "forward": model_train_loss(graphdef, "cross_entropy"),
         }
     return {**cache[key], "sgd": cache["sgd"]}
 
