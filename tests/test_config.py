@@ -8,8 +8,6 @@ import dataclasses
 import tomllib
 
 import pytest
-from hessspec.studies.input_bias.study import InputBiasConfig
-from hessspec.studies.santurkar.study import SanturkarConfig
 
 from hessspec.studies.batchnorm_spectrum import config as bn
 from hessspec.studies.common.config import (
@@ -22,6 +20,8 @@ from hessspec.studies.common.config import (
     field,
     read_toml,
 )
+from hessspec.studies.input_bias import InputBiasConfig
+from hessspec.studies.santurkar import SanturkarConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -130,9 +130,14 @@ def test_gradient_descent_count_matches_the_worst_case_bound_exactly():
     assert out["steps"] == bound.steps
     t = np.arange(len(out["error_ratio"]))
     np.testing.assert_allclose(out["error_ratio"], bound.rate**t, rtol=1e-10)
+    # the loss of the iterate at the stopping step: 0.5 lam_min (ratio * ||w_0 - w*||)^2
+    assert out["final_loss"] == pytest.approx(0.5 * 0.5 * out["error_ratio"][-1] ** 2, rel=1e-10)
     # A budget too small reports None and stops at the budget.
     short = ib.run_gradient_descent(loss_fn, w0, {}, lr, w_star, tol=1e-3, max_steps=10, chunk=64)
     assert short["steps"] is None and len(short["error_ratio"]) == 11
+    # Far above 2 / lambda_max the iterates blow up: one line naming the learning rate.
+    with pytest.raises(FloatingPointError, match="gradient descent diverged at lr = 10"):
+        ib.run_gradient_descent(loss_fn, w0, {}, 10.0, w_star, tol=1e-3, max_steps=1000)
 
 
 def test_study_output_never_clobbers(tmp_path):

@@ -201,12 +201,45 @@ def test_end_to_end_records(tiny_run):
         assert np.asarray(rec["ics_l2"]).shape == (2, 2)  # hidden layer and head
         np.testing.assert_allclose(np.asarray(rec["ics_l2"])[:, 0], 0.0, atol=1e-6)
         assert len(run["train_losses"]) == 6
+        # a record is taken before the update that follows it, on that update's batch (and
+        # noise draw): its loss is the training loss of that update
+        losses = np.asarray(run["train_losses"])[rec["steps"]]
+        np.testing.assert_allclose(rec["loss"], losses, rtol=1e-6)
     assert len(results["lr_table"]) == 6
     assert [c["learning_rate"] for c in results["lr_comparisons"]] == [0.1, 0.3]
     for run in results["runs"].values():
         rec, summary = run["records"], run["summary"]
         assert summary["loss_range_mean"] == pytest.approx(np.mean(rec["loss_range"]))
         assert summary["beta_mean"] == pytest.approx(np.mean(rec["beta_smoothness"]))
+
+
+def test_one_compiled_program_trains_every_learning_rate(caplog):
+    """The sweep: learning rate and momentum sit in the optimizer state, so a second
+    learning rate compiles nothing; and each run is heavy-ball SGD at its own learning rate
+    on the seeded batches, the losses of :func:`hessspec.nn.train.train` with
+    ``optax.sgd(lr, momentum)`` on the same model and seed."""
+    import logging
+
+    import jax
+
+    from hessspec.nn.data import load_digits
+    from hessspec.nn.train import TrainConfig, train
+    from hessspec.studies.santurkar.train import train_variant
+
+    config = st.SanturkarConfig.from_dict({**TINY, "hidden": [5, 3], "momentum": 0.9})
+    kw = {"preprocessing": "unit", "flatten": True, "dtype": np.float32}
+    data = load_digits("train", **kw), load_digits("test", **kw)
+    cache, compiled = {}, []
+    for lr in (0.1, 0.3):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="jax"), jax.log_compiles():
+            run = train_variant(config, "batchnorm", lr, *data, False, cache)
+        compiled.append([r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()])
+        model = make_model("mlp", (64,), 10, True, hidden=(5, 3), seed=0, dtype=jnp.float32)
+        cfg = TrainConfig(learning_rate=lr, momentum=0.9, batch_size=32, steps=6)
+        ref = train(model, data[0].x, data[0].y, cfg, seed=config.seed, progress=False)
+        np.testing.assert_allclose(run["train_losses"], ref.losses, rtol=1e-6)
+    assert compiled[0] and not compiled[1], compiled[1]
 
 
 #: A small run where BatchNorm's smoothing shows at the shared learning rate: two-layer MLP,

@@ -454,7 +454,10 @@ class _Run:
 
 
 def _schedule_for(batches, data) -> BatchOrder | FullBatch:
-    """The schedule over the examples of ``data`` (None: the full batch)."""
+    """The schedule over the examples of ``data`` (None: the full batch; then data without
+    an example axis, e.g. ``{}`` for a loss that needs none, is one example)."""
+    if batches is None and not any(np.ndim(leaf) for leaf in jax.tree.leaves(data)):
+        return FullBatch(1)
     n = _num_examples(data)
     schedule = FullBatch(n) if batches is None else batches
     if schedule.num_examples != n:
@@ -511,7 +514,8 @@ def optimize(
         loss_fn: ``(params, batch) -> ()`` mean loss over ``batch`` (a pytree like ``data``
             with the batch's rows); with ``state``: ``(params, state, batch) -> ((), state)``.
         params: :math:`w_0`, any pytree of arrays. optimizer: any optax transformation.
-        data: pytree of arrays with a common leading axis ``N``, moved to the device once.
+        data: pytree of arrays with a common leading axis ``N`` (or none, ``{}``, for a full
+            batch), moved to the device once.
         num_steps: updates to apply.
         batches: a :class:`~hessspec.nn.schedule.BatchOrder` over ``N`` (mini-batches) or
             None / :class:`~hessspec.nn.schedule.FullBatch` (every step all of ``data``).

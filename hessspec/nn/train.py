@@ -57,6 +57,7 @@ __all__ = [
     "TrainingState",
     "batch_indices",
     "make_optimizer",
+    "model_train_loss",
     "optimize",
     "stability_threshold",
     "train",
@@ -195,7 +196,7 @@ def _cached_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 @functools.lru_cache(maxsize=32)
-def _model_loss(graphdef, loss: str):
+def model_train_loss(graphdef, loss: str):
     """``loss_fn(params, rest, batch) -> (mean loss, new rest)`` of a model graph in train
     mode (batch statistics; the running averages and RNG counters it updates are the new
     rest); cached, so training the same architecture again reuses the compiled loop."""
@@ -308,7 +309,7 @@ def train(
     # without an analysis, a state is saved at the end only (kind "checkpoint" if it is one)
     saves = checkpoints if on_checkpoint is not None else set(checkpoints) & {cfg.steps}
     result = optimize(
-        _model_loss(graphdef, loss),
+        model_train_loss(graphdef, loss),
         nnx.to_pure_dict(params),
         _optimizer(cfg),
         {"x": x, "y": y},

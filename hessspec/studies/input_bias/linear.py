@@ -43,13 +43,15 @@ def run_gradient_descent(
     max_steps: int,
     chunk: int = 500,
 ) -> dict[str, Any]:
-    """Full-batch gradient descent ``w <- w - lr grad L(w)`` until the parameter error
-    ratio ``||w_t - w*|| / ||w_0 - w*||`` is at most ``tol``.
+    """Full-batch gradient descent ``w <- w - lr grad L(w)`` (``optax.sgd(lr)`` through
+    :func:`hessspec.nn.loop.optimize`) until the parameter error ratio
+    ``||w_t - w*|| / ||w_0 - w*||`` is at most ``tol``.
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``.
         params: the start ``w_0`` (any pytree).
-        batch: the whole data set, passed to ``loss_fn``.
+        batch: the whole data set, passed to ``loss_fn``: a pytree of arrays with a common
+            leading axis, or one with none (``{}``).
         lr: the learning rate.
         target: ``w*``, a pytree like ``params`` or a flat vector.
         tol: the error ratio to reach, in ``(0, 1)``.
@@ -59,52 +61,46 @@ def run_gradient_descent(
     Returns:
         ``{"steps": int or None (not reached within max_steps), "error_ratio": list of
         ||w_t - w*|| / ||w_0 - w*|| for t = 0..last step run, "final_error_ratio",
-        "initial_error": ||w_0 - w*||, "final_loss": the loss at the last iterate}``.
+        "initial_error": ||w_0 - w*||, "final_loss": the loss at the last iterate (that of
+        the stopping step)}``.
+
+    Raises:
+        FloatingPointError: the loss or the error ratio became non-finite.
     """
-    w0, unravel = ravel_pytree(params)
+    import optax
+
+    from hessspec.nn.loop import optimize
+
+    w0 = ravel_pytree(params)[0]
     w_star = jnp.asarray(
         target if isinstance(target, np.ndarray | jax.Array) else ravel_pytree(target)[0],
         w0.dtype,
     ).reshape(w0.shape)
-    lr_arr = jnp.asarray(lr, w0.dtype)
-
-    def flat_loss(w):
-        return loss_fn(unravel(w), batch)
-
-    grad = jax.grad(flat_loss)
-
-    @jax.jit
-    def run_chunk(w):
-        def body(w, _):
-            w = w - lr_arr * grad(w)
-            return w, jnp.linalg.norm(w - w_star)
-
-        return jax.lax.scan(body, w, None, length=chunk)
-
     e0 = float(jnp.linalg.norm(w0 - w_star))
-    ratios = [1.0]
-    steps = None
-    w = w0
-    done = 0
-    while done < max_steps:
-        w, errs = run_chunk(w)
-        errs = np.asarray(errs, np.float64) / e0
-        if not np.all(np.isfinite(errs)):
-            raise FloatingPointError(f"gradient descent diverged at lr = {lr}.")
-        take = min(chunk, max_steps - done)
-        hit = np.nonzero(errs[:take] <= tol)[0]
-        if hit.size:
-            steps = done + int(hit[0]) + 1
-            ratios.extend(errs[: hit[0] + 1].tolist())
-            break
-        ratios.extend(errs[:take].tolist())
-        done += take
+
+    def error_ratio(p):
+        return jnp.linalg.norm(ravel_pytree(p)[0] - w_star) / e0
+
+    result = optimize(
+        loss_fn,
+        params,
+        optax.sgd(lr),
+        batch,
+        num_steps=max_steps,
+        chunk=chunk,
+        metric=error_ratio,
+        stop_when=lambda ratio: ratio <= tol,
+        divergence_hint=f"gradient descent diverged at lr = {lr}",
+    )
+    ratios = [1.0, *result.metrics.tolist()]
+    if not np.all(np.isfinite(ratios)):
+        raise FloatingPointError(f"gradient descent diverged at lr = {lr}.")
     return {
-        "steps": steps,
+        "steps": result.stopped_at,
         "error_ratio": ratios,
         "final_error_ratio": ratios[-1],
         "initial_error": e0,
-        "final_loss": float(flat_loss(w)),
+        "final_loss": float(loss_fn(result.params, batch)),
     }
 
 

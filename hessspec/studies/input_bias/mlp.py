@@ -14,6 +14,7 @@ statistics are frozen constants and the mean is seen again.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -73,7 +74,9 @@ def _analyse(model, cfg: MLPSettings, sub, mode, mean_direction, key) -> dict[st
     op = hs.hessian_operator(obj.loss_fn, obj.params, sub.batch)
     k_top, k_slq = jax.random.split(key)
     t0 = time.perf_counter()
-    top = hs.top_eigenpairs(op, cfg.top_k, num_steps=cfg.lanczos_steps or None, key=k_top)
+    with warnings.catch_warnings():  # unconverged pairs are recorded with their bounds
+        warnings.simplefilter("ignore", hs.LanczosConvergenceWarning)
+        top = hs.top_eigenpairs(op, cfg.top_k, num_steps=cfg.lanczos_steps or None, key=k_top)
     split = hs.outlier_split(top.values, 10)
     steps = min(cfg.slq_steps, op.dim)
     sd = hs.spectral_density(op, num_probes=cfg.slq_probes, num_steps=steps, key=k_slq)
@@ -87,6 +90,7 @@ def _analyse(model, cfg: MLPSettings, sub, mode, mean_direction, key) -> dict[st
         "top_values": top.values,
         "top_residuals": top.residuals,
         "converged": top.converged,
+        "top_error_bounds": top.error_bounds,
         "lambda_max": lam1,
         "stable_learning_rate": 2.0 / lam1 if lam1 > 0 else None,
         "num_outliers": split.num_outliers,

@@ -1,13 +1,14 @@
 """One training run of the Santurkar study, with its landscape records.
 
-The network is trained with SGD (heavy-ball momentum as ``optax.sgd``) at one learning rate.
-Every ``record_every`` steps, on the mini-batch the next update uses and in the mode that
-update uses (batch statistics; for the noisy variant the noise draw of that update, held
-fixed), it records :func:`hessspec.landscape_along_gradient` (loss range, gradient
-predictiveness, beta-smoothness along ``-g``) and, for the main runs,
+The network is trained by the one optimization loop, :func:`hessspec.nn.loop.optimize`,
+with ``optax.sgd`` (heavy-ball momentum ``v <- m v + g``, ``w <- w - lr v``) on seeded
+mini-batches at one learning rate; the learning rate and the momentum sit in the optimizer
+state (``optax.inject_hyperparams``), so one compiled program per variant serves the whole
+sweep. Every ``record_every`` steps the loop's observer, before the update, on the
+mini-batch that update uses and in its mode (batch statistics; for the noisy variant the
+noise draw of that update, held fixed), records :func:`hessspec.landscape_along_gradient`
+(loss range, gradient predictiveness, beta-smoothness along ``-g``) and, for the main runs,
 :func:`hessspec.internal_covariate_shift` per layer.
-
-The loop is the study's own until the one optax loop of :mod:`hessspec.nn.train` takes it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hessspec.studies.common.checks import dtype_of
 from hessspec.studies.santurkar.config import SanturkarConfig
@@ -66,13 +66,12 @@ def train_mode_loss(graphdef, loss: str = "cross_entropy"):
     Returns:
         ``loss_fn(params, batch) -> scalar`` mean loss.
     """
-    from flax import nnx
+    from hessspec.nn.train import model_train_loss
 
-    from hessspec.nn.objective import output_loss
+    forward = model_train_loss(graphdef, loss)  # (params, state, batch) -> (loss, new state)
 
     def loss_fn(params, batch):
-        model = nnx.merge(graphdef, params, batch["state"])
-        return output_loss(model(batch["x"]), batch, loss)
+        return forward(params, batch["state"], batch)[0]
 
     return loss_fn
 
@@ -117,70 +116,92 @@ def _make_model(config: SanturkarConfig, variant: str, input_shape):
     return make_model(config.model, input_shape, 10, bn, seed=config.seed, dtype=dtype, **kwargs)
 
 
-def _forward_with_state(graphdef, loss: str = "cross_entropy"):
-    """``f(params, state, x, y) -> (loss, new_state)``: one train-mode forward pass (batch
-    statistics, BN noise on), returning the updated state (running averages, RNG count)."""
-    from flax import nnx
-
-    from hessspec.nn.objective import output_loss
-
-    def f(params, state, x, y):
-        model = nnx.merge(graphdef, params, state)
-        logits = model(x)
-        _, _, new_state = nnx.split(model, nnx.Param, ...)
-        return output_loss(logits, {"x": x, "y": y}, loss), nnx.to_pure_dict(new_state)
-
-    return f
-
-
-def _sgd_step(graphdef):
-    """A jitted SGD step (heavy-ball momentum as ``optax.sgd``: ``v <- m v + g``,
-    ``p <- p - lr v``), with the learning rate and momentum traced, so one compilation
-    serves every learning rate of the sweep."""
-    forward = _forward_with_state(graphdef)
-
-    @jax.jit
-    def step(params, velocity, state, x, y, lr, momentum):
-        (value, new_state), grads = jax.value_and_grad(forward, has_aux=True)(params, state, x, y)
-        velocity = jax.tree.map(lambda v, g: momentum * v + g, velocity, grads)
-        params = jax.tree.map(lambda p, v: p - lr * v, params, velocity)
-        return params, velocity, new_state, value
-
-    return step
-
-
 def _compiled_for(cache: dict, variant: str, config: SanturkarConfig, graphdef) -> dict:
-    """The per-variant functions (loss along the gradient, SGD step), built once per run so
-    their compiled programs serve every learning rate."""
+    """The per-variant functions (the loss along the gradient, the loss the loop descends)
+    and the one optimizer, built once per study so that their compiled programs serve
+    every learning rate of the sweep."""
+    import optax
+
+    from hessspec.nn.train import model_train_loss
+
+    if "sgd" not in cache:  # lr and momentum live in the optimizer state
+        cache["sgd"] = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0, momentum=0.0)
     key = (variant, config.model)
     if key not in cache:
-        cache[key] = {"loss_fn": train_mode_loss(graphdef), "step": _sgd_step(graphdef)}
-    return cache[key]
+        cache[key] = {
+            "loss_fn": train_mode_loss(graphdef),
+            "forward": model_train_loss(graphdef, "cross_entropy"),
+        }
+    return {**cache[key], "sgd": cache["sgd"]}
 
 
-def _record(rec, layer_names, config, loss_fn, params, batch, lr, step, with_ics) -> None:
-    """Append the landscape (and, ``with_ics``, the covariate-shift) measures at ``step``
-    to the record lists ``rec``; ``layer_names`` is filled with the ICS layer names."""
+def _sgd_state(sgd, params, lr: float, momentum: float):
+    """The optimizer state of ``sgd`` (``optax.inject_hyperparams(optax.sgd)``) at learning
+    rate ``lr`` and heavy-ball momentum ``momentum`` (``v <- m v + g``, ``p <- p - lr v``),
+    both in the parameters' dtype."""
+    opt_state = sgd.init(params)
+    dtype = jax.tree.leaves(params)[0].dtype
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, dtype)
+    opt_state.hyperparams["momentum"] = jnp.asarray(momentum, dtype)
+    return opt_state
+
+
+def _measures(config, loss_fn, params, batch, lr, with_ics) -> dict[str, Any]:
+    """The landscape (and, ``with_ics``, the covariate-shift) measures on ``batch``: one
+    entry of each record list of :data:`RECORD_KEYS` but ``steps``, and ``layer_names``
+    with the ICS."""
     import hessspec as hs
 
     lo, hi = config.step_range
     lm = hs.landscape_along_gradient(
         loss_fn, params, batch, lr, step_range=(lo, hi), num_steps=config.num_step_sizes
     )
-    rec["steps"].append(step)
-    rec["loss"].append(lm.loss)
-    rec["grad_norm"].append(lm.grad_norm)
-    rec["loss_range"].append(lm.loss_range)
-    rec["losses"].append(lm.losses)
-    rec["gradient_predictiveness"].append(lm.gradient_predictiveness)
-    rec["beta_smoothness"].append(lm.beta_smoothness)
-    rec["first_order_range"].append((hi - lo) * lr * lm.grad_norm**2)
+    out = {
+        "loss": lm.loss,
+        "grad_norm": lm.grad_norm,
+        "loss_range": lm.loss_range,
+        "losses": lm.losses,
+        "gradient_predictiveness": lm.gradient_predictiveness,
+        "beta_smoothness": lm.beta_smoothness,
+        "first_order_range": (hi - lo) * lr * lm.grad_norm**2,
+    }
     if with_ics:
         ics = hs.internal_covariate_shift(loss_fn, params, batch, lr, layer_order_for(params))
-        layer_names[:] = list(ics.layer_names)
-        rec["ics_l2"].append(ics.l2)
-        rec["ics_cosine"].append(ics.cosine)
-        rec["ics_grad_norm"].append(ics.grad_norm)
+        out.update(
+            ics_l2=ics.l2,
+            ics_cosine=ics.cosine,
+            ics_grad_norm=ics.grad_norm,
+            layer_names=list(ics.layer_names),
+        )
+    return out
+
+
+def _observer(config, loss_fn, train_set, lr, with_ics):
+    """The loop's observer: the measures at a recorded step on the mini-batch the next
+    update uses, in its mode (batch statistics; for the noisy variant that update's noise
+    draw, held fixed through the step's state)."""
+
+    def observe(seen) -> dict[str, Any]:
+        idx = seen.indices
+        batch = {"x": train_set.x[idx], "y": train_set.y[idx], "state": seen.state}
+        return _measures(config, loss_fn, seen.params, batch, lr, with_ics)
+
+    return observe
+
+
+def _records(observations) -> tuple[dict[str, list], list[str]]:
+    """The record lists (keys :data:`RECORD_KEYS`, the ICS ones empty without it) and the
+    ICS layer names of the observations ``(step, measures)``."""
+    rec: dict[str, list] = {k: [] for k in RECORD_KEYS}
+    layer_names: list[str] = []
+    for step, measures in observations:
+        rec["steps"].append(step)
+        for k, value in measures.items():
+            if k == "layer_names":
+                layer_names = value
+            else:
+                rec[k].append(value)
+    return rec, layer_names
 
 
 def _accuracy(model, x, y) -> float:
@@ -214,55 +235,49 @@ def train_variant(
         ``seconds``.
 
     Raises:
-        FloatingPointError: the training loss became non-finite (the message names the
-            step).
+        hessspec.nn.records.TrainingDiverged: (a FloatingPointError) the mini-batch loss
+            became non-finite; the message names the step, the variant and the learning
+            rate.
     """
     from flax import nnx
 
-    from hessspec.nn.train import batch_indices
+    from hessspec.nn.loop import optimize
+    from hessspec.nn.schedule import BatchOrder
 
     model = _make_model(config, variant, train_set.input_shape)
     model.train()
     graphdef, params, state = nnx.split(model, nnx.Param, ...)
     params, state = nnx.to_pure_dict(params), nnx.to_pure_dict(state)
     fns = _compiled_for(cache, variant, config, graphdef)
-    velocity = jax.tree.map(jnp.zeros_like, params)
-    # Seeded epoch-wise permutations cut into full batches; the record at step t uses
-    # order[t], the batch of the update that follows it.
-    order = batch_indices(train_set.num_examples, config.batch_size, config.steps, config.seed)
-    x_all, y_all = jnp.asarray(train_set.x), jnp.asarray(train_set.y)
-    dtype = jax.tree.leaves(params)[0].dtype
-    lr_arr, mom_arr = jnp.asarray(lr, dtype), jnp.asarray(config.momentum, dtype)
-    rec: dict[str, list] = {k: [] for k in RECORD_KEYS}
-    layer_names: list[str] = []
-    losses = []
     t0 = time.perf_counter()
-    for t in range(config.steps):
-        idx = order[t]
-        if t % config.record_every == 0:
-            batch = {"x": train_set.x[idx], "y": train_set.y[idx], "state": state}
-            _record(rec, layer_names, config, fns["loss_fn"], params, batch, lr, t, with_ics)
-        params, velocity, state, value = fns["step"](
-            params, velocity, state, x_all[idx], y_all[idx], lr_arr, mom_arr
-        )
-        losses.append(value)
-    train_losses = np.asarray(jnp.stack(losses), np.float64)
-    if not np.all(np.isfinite(train_losses)):
-        raise FloatingPointError(
-            f"{variant} diverged at lr = {lr}: the training loss is not finite from step "
-            f"{int(np.argmin(np.isfinite(train_losses))) + 1} on."
-        )
+    # Seeded epoch-wise permutations cut into full batches; the record at step t is taken
+    # before the update t + 1, on its batch.
+    result = optimize(
+        fns["forward"],
+        params,
+        fns["sgd"],
+        {"x": train_set.x, "y": train_set.y},
+        num_steps=config.steps,
+        batches=BatchOrder(train_set.num_examples, config.batch_size, config.seed),
+        state=state,
+        opt_state=_sgd_state(fns["sgd"], params, lr, config.momentum),
+        observe=_observer(config, fns["loss_fn"], train_set, lr, with_ics),
+        observe_at=range(0, config.steps, config.record_every),
+        divergence_hint=f"{variant} at learning rate {lr}; lower config key "
+        "'learning_rate' or 'sweep_learning_rates'",
+    )
     seconds = time.perf_counter() - t0
-    nnx.update(model, params)
-    nnx.update(model, state)
+    rec, layer_names = _records(result.observations)
+    nnx.update(model, result.params)
+    nnx.update(model, result.state)
     model.eval()  # running averages, no noise
     return {
         "variant": variant,
         "learning_rate": lr,
         "records": rec,
         "layer_names": layer_names,
-        "train_losses": train_losses,
-        "train_accuracy": _accuracy(model, x_all, y_all),
+        "train_losses": result.losses,
+        "train_accuracy": _accuracy(model, train_set.x, train_set.y),
         "test_accuracy": _accuracy(model, test_set.x, test_set.y),
         "seconds": seconds,
     }
