@@ -362,7 +362,7 @@ def test_sharpness_survives_an_interrupted_training(tmp_path, fake_analysis, mon
     keeps the measurements of steps 0, 4 and 8 in results.json; ``--resume`` measures 12 and
     16 (a cold start after the resume, warm-started before) and keeps the first three as
     they were; every entry is an uninterrupted run's, exactly before the interrupt and to
-    the solver's tolerance after it."""
+    the solver's tolerance after it; ``analyze`` of the run keeps them."""
     import importlib
 
     htrain = importlib.import_module("hessspec.nn.train")  # the module, not the function
@@ -390,3 +390,7 @@ def test_sharpness_survives_an_interrupted_training(tmp_path, fake_analysis, mon
     assert resumed[:3] == first and [e["step"] for e in resumed] == [0, 4, 8, 12, 16]
     np.testing.assert_allclose([e["lambda_max"] for e in resumed[3:]],
                                [e["lambda_max"] for e in reference[3:]], rtol=1e-4)  # fmt: skip
+    # a re-analysis of the run keeps what its training measured
+    again = tmp_path / "again"
+    assert main(["analyze", str(ref), "--out", str(again), "--no-progress"]) == 0
+    assert assert_whole(again)["runs"][0]["sharpness"] == reference

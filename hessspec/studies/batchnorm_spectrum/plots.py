@@ -71,15 +71,34 @@ def _steps(results: Mapping[str, Any]) -> list[int]:
     return sorted({c["step"] for r in _runs(results) for c in r["checkpoints"]})
 
 
+def _panels(n: int, hspace: float = 0.45) -> tuple[Figure, np.ndarray]:
+    """A figure of ``n`` density panels, three to a row (the unused ones hidden)."""
+    rows, cols = _grid(max(n, 1))
+    fig = Figure(figsize=(4.6 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig.subplots_adjust(hspace=hspace, wspace=0.3)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _finish_density_panel(ax, title: str, floor: float, top: float) -> None:
+    """Log y axis from ``floor`` to ``top`` (when they make a range), title, labels, legend."""
+    ax.set_yscale("log")
+    if np.isfinite(floor) and top > floor:
+        ax.set_ylim(floor, top)
+    ax.set_title(title)
+    ax.set_xlabel("eigenvalue λ")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7, loc="upper right")
+
+
 def density_figure(results: Mapping[str, Any], spectra: Mapping[str, np.ndarray]) -> Figure:
     """The smoothed SLQ spectral density on a log y axis, one panel per checkpoint step,
     every run overlaid (with and without BatchNorm). The kernel width σ of each curve is in
     its legend entry."""
     steps = _steps(results)
-    rows, cols = _grid(max(len(steps), 1))
-    fig = Figure(figsize=(4.6 * cols, 3.4 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    fig.subplots_adjust(hspace=0.45, wspace=0.3)
+    fig, axes = _panels(len(steps))
     colors = _colors(results)
     for ax, step in zip(axes, steps, strict=False):
         floor, top = np.inf, 0.0
@@ -96,15 +115,7 @@ def density_figure(results: Mapping[str, Any], spectra: Mapping[str, np.ndarray]
             if dens.max() > 0:
                 floor = min(floor, dens.max() * 1e-7)
                 top = max(top, dens.max() * 3)
-        ax.set_yscale("log")
-        if np.isfinite(floor) and top > floor:
-            ax.set_ylim(floor, top)
-        ax.set_title(f"step {step}")
-        ax.set_xlabel("eigenvalue λ")
-        ax.set_ylabel("density")
-        ax.legend(fontsize=7, loc="upper right")
-    for ax in axes[len(steps) :]:
-        ax.set_visible(False)
+        _finish_density_panel(ax, f"step {step}", floor, top)
     fig.suptitle("Hessian spectral density (SLQ, Gaussian smoothing)", y=1.0)
     return fig
 
@@ -156,9 +167,9 @@ def _values(checkpoints: list[Mapping[str, Any]], key: str) -> list[float]:
     return [np.nan if c.get(key) is None else c[key] for c in checkpoints]
 
 
-def outlier_ratio_figure(results: Mapping[str, Any]) -> Figure:
-    """The headline ratio λ1/λK+1 over training, every run (one definition for every run
-    and checkpoint; K the number of classes)."""
+def _over_training(results: Mapping[str, Any], key: str) -> tuple[Figure, Any, int]:
+    """A figure of checkpoint entry ``key`` against the step, one line per run; the axes
+    and ``K`` (the number of classes)."""
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     colors = _colors(results)
@@ -166,8 +177,15 @@ def outlier_ratio_figure(results: Mapping[str, Any]) -> Figure:
     for run in _runs(results):
         k = int(run.get("num_classes") or 1)
         steps = [c["step"] for c in run["checkpoints"]]
-        ratio = _values(run["checkpoints"], "headline_ratio")
-        ax.plot(steps, ratio, marker="o", color=colors[run["name"]], label=run_label(run))
+        values = _values(run["checkpoints"], key)
+        ax.plot(steps, values, marker="o", color=colors[run["name"]], label=run_label(run))
+    return fig, ax, k
+
+
+def outlier_ratio_figure(results: Mapping[str, Any]) -> Figure:
+    """The headline ratio λ1/λK+1 over training, every run (one definition for every run
+    and checkpoint; K the number of classes)."""
+    fig, ax, k = _over_training(results, "headline_ratio")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel(f"λ1 / λ{k + 1}")
@@ -179,15 +197,7 @@ def outlier_ratio_figure(results: Mapping[str, Any]) -> Figure:
 def overlap_figure(results: Mapping[str, Any]) -> Figure:
     """The overlap ||Q_prev^T Q||_F^2 / K of the top-K eigenspace of each checkpoint with
     the previous checkpoint's, over training, every run (Gur-Ari et al. 2018)."""
-    fig = Figure(figsize=(6.4, 4.2))
-    ax = fig.subplots()
-    colors = _colors(results)
-    k = 1
-    for run in _runs(results):
-        k = int(run.get("num_classes") or 1)
-        steps = [c["step"] for c in run["checkpoints"]]
-        overlap = _values(run["checkpoints"], "top_k_overlap_with_previous")
-        ax.plot(steps, overlap, marker="o", color=colors[run["name"]], label=run_label(run))
+    fig, ax, k = _over_training(results, "top_k_overlap_with_previous")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("training step (overlap with the previous checkpoint)")
     ax.set_ylabel(f"‖Q_prevᵀ Q‖²_F / {k}")
@@ -207,10 +217,7 @@ def per_layer_density_figure(
         for r in _runs(results)
         if any(c.get("per_layer") for c in r["checkpoints"])
     ]
-    rows, cols = _grid(max(len(runs), 1))
-    fig = Figure(figsize=(4.6 * cols, 3.4 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    fig.subplots_adjust(hspace=0.55, wspace=0.3)
+    fig, axes = _panels(len(runs), hspace=0.55)
     for ax, (run, c) in zip(axes, runs, strict=False):
         grid = spectra.get(spectra_key(run["name"], c["step"], "layer_density_grid"))
         dens = spectra.get(spectra_key(run["name"], c["step"], "layer_densities"))
@@ -220,16 +227,9 @@ def per_layer_density_figure(
         for i, name in enumerate(c["per_layer"]["names"]):
             color = f"C{i % 10}"
             ax.plot(grid, np.maximum(dens[i], 1e-300), lw=1.1, color=color, label=name)
-        ax.set_yscale("log")
-        if top > 0:
-            ax.set_ylim(top * 1e-7, top * 3)
         sigma = c["per_layer"].get("density_sigma")
-        ax.set_title(f"{run_label(run)}\nstep {c['step']}" + (f", σ={sigma:.2g}" if sigma else ""))
-        ax.set_xlabel("eigenvalue λ")
-        ax.set_ylabel("density")
-        ax.legend(fontsize=7, loc="upper right")
-    for ax in axes[len(runs) :]:
-        ax.set_visible(False)
+        title = f"{run_label(run)}\nstep {c['step']}" + (f", σ={sigma:.2g}" if sigma else "")
+        _finish_density_panel(ax, title, top * 1e-7, top * 3)
     fig.suptitle("Per-layer Hessian spectral densities at the last checkpoint", y=1.06)
     return fig
 
