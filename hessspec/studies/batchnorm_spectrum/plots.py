@@ -190,7 +190,7 @@ def outlier_ratio_figure(results: Mapping[str, Any]) -> Figure:
     ax.set_xlabel("training step")
     ax.set_ylabel(f"λ1 / λ{k + 1}")
     ax.set_title(f"Outliers against the bulk over training: λ1/λK+1 (K = {k})")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="best")
     return fig
 
 
