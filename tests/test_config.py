@@ -60,7 +60,7 @@ STUDIES = {
 }
 TRAIN_KEYS = (
     "adam_b1, adam_b2, batch_size, checkpoints, learning_rate, momentum, nesterov, "
-    "num_checkpoints, optimizer, steps, weight_decay"
+    "num_checkpoints, optimizer, steps, track_sharpness_every, weight_decay"
 )
 
 

@@ -43,6 +43,8 @@ def _checkpoint(step, top, energy, rng):
         "bulk_edge": float(top[K]),
         "outlier_ratio": float(top[0] / top[K]),
         "lambda1_over_lambdaK": float(top[0] / top[K - 1]),
+        "headline_ratio": float(top[0] / top[K]),
+        "top_k_overlap_with_previous": None if step == 0 else 0.75 + 0.001 * step,
         "density_sigma": 0.01,
         "gradient_energy_full": list(energy),
         "gradient_energy_minibatch_mean": list(mb),
@@ -51,9 +53,34 @@ def _checkpoint(step, top, energy, rng):
     }
 
 
+#: The per-layer numbers of each run (plain: index 0, BN: 1) at step 10: three layers of
+#: 40 + 40 + 20 (+ 4 BatchNorm parameters in the first layer), λ1 and trace of each.
+LAYERS = (
+    {"sizes": [40, 40, 20], "lambda1": [8.0, 12.0, 30.0], "traces": [10.0, 20.0, 70.0]},
+    {"sizes": [44, 40, 20], "lambda1": [1.5, 1.2, 2.0], "traces": [6.0, 3.0, 1.0]},
+)
+
+
+def _per_layer(run, grid):
+    """The ``per_layer`` record and arrays of run ``run`` (0 or 1) at step 10."""
+    layers = LAYERS[run]
+    record = {
+        "names": ["linears/0", "linears/1", "head"], "sizes": layers["sizes"],
+        "parameters": [["linears/0/kernel"], ["linears/1/kernel"], ["head/kernel"]],
+        "top_eigenvalues": [[v, v / 2] for v in layers["lambda1"]],
+        "residuals": [[1e-7, 1e-7]] * 3, "traces": layers["traces"],
+        "trace_stderrs": [0.1] * 3,
+        "js_distances": [[0.0, 0.1, 0.5], [0.1, 0.0, 0.4], [0.5, 0.4, 0.0]],
+        "density_sigma": 0.02,
+    }  # fmt: skip
+    densities = np.stack([np.exp(-((grid - c) ** 2)) + 1e-9 for c in (0.0, 1.0, 5.0)])
+    return record, {"layer_density_grid": grid, "layer_densities": densities}
+
+
 def _study(tmp_path):
     """A results.json and spectra.npz written by ResultsWriter for two runs: without BN
-    (three clear outliers, energy concentrated) and with BN (flat top)."""
+    (three clear outliers, energy concentrated) and with BN (flat top); per-layer spectra at
+    the last checkpoint, the sharpness at steps 0, 5, 10."""
     rng = np.random.default_rng(0)
     writer = ResultsWriter(
         tmp_path,
@@ -62,9 +89,11 @@ def _study(tmp_path):
          "checkpoint_steps": [0, 10], "command": "python -m hessspec.run"},
     )  # fmt: skip
     plain = writer.add_run({"name": "mlp", "model": "mlp", "batchnorm": False, "bn_mode": None,
-                            "num_params": 100, "num_classes": K})  # fmt: skip
+                            "num_params": 100, "num_classes": K, "stability_threshold": 38.0,
+                            "sharpness": []})  # fmt: skip
     bn = writer.add_run({"name": "mlp-bn-train", "model": "mlp", "batchnorm": True,
-                         "bn_mode": "train", "num_params": 104, "num_classes": K})  # fmt: skip
+                         "bn_mode": "train", "num_params": 104, "num_classes": K,
+                         "stability_threshold": 38.0, "sharpness": []})  # fmt: skip
     for step in (0, 10):
         for run, top, energy in (
             (plain, [40.0, 30.0, 20.0, 2.0, 1.9, 1.8], [0.3, 0.6, 0.9, 0.91, 0.92, 0.93]),
@@ -78,7 +107,14 @@ def _study(tmp_path):
                 "density_grid": grid,
                 "density": np.exp(-(grid**2)) + 1e-6,
             }
-            writer.add_checkpoint(run, step, _checkpoint(step, top, energy, rng), arrays)
+            record = _checkpoint(step, top, energy, rng)
+            if step == 10:  # per-layer spectra at the last checkpoint: three layers
+                record["per_layer"], layer_arrays = _per_layer(run, grid)
+                arrays.update(layer_arrays)
+            writer.add_checkpoint(run, step, record, arrays)
+    for run, values in ((plain, [3.0, 9.0, 12.0]), (bn, [2.0, 1.5, 1.0])):
+        entries = [{"step": s, "lambda_max": v} for s, v in zip((0, 5, 10), values, strict=True)]
+        writer.set_sharpness(run, entries, write=False)
     writer.set_loss_curve(plain, np.arange(1, 11), np.linspace(2, 0.5, 10))
     writer.set_loss_curve(bn, np.arange(1, 11), np.linspace(2, 0.3, 10))
     writer.update(status="complete", timing={"seconds_total": 1.5})
@@ -263,18 +299,20 @@ def test_report_numbers_are_the_results_numbers(tmp_path):
         (row,) = _table_rows(text, f"{run['name']} (")
         assert row[1:] == [
             fmt(c["step"]), fmt(run["num_params"]), fmt(c["top_eigenvalues"][0]),
-            fmt(c["bulk_edge"]), f"{fmt(c['num_outliers'])} ({k})", fmt(c["outlier_ratio"]),
+            fmt(c["headline_ratio"]), fmt(c["bulk_edge"]), f"{fmt(c['num_outliers'])} ({k})",
+            fmt(c["outlier_ratio"]),
             fmt(c["lambda1_over_lambdaK"]), f"{fmt(c['trace'])} ± {fmt(c['trace_stderr'], 2)}",
             fmt(c["gradient_energy_full"][k - 1]),
             f"{fmt(c['gradient_energy_minibatch_mean'][k - 1])} ± "
             f"{fmt(c['gradient_energy_minibatch_std'][k - 1], 2)}",
             fmt(rel, 2), fmt(c["train_loss"]), fmt(c["test_accuracy"]),
         ]  # fmt: skip
-    # the run without BN at step 10: lambda_1 = 40, bulk edge 2, ratio 20, lambda_1/lambda_K
-    # = 40/20, trace 3 * 95.7, 0.9 of the gradient in the top-3 space, 0.5 test accuracy
+    # the run without BN at step 10: lambda_1 = 40, headline lambda_1/lambda_4 = 40/2, bulk
+    # edge 2, ratio 20, lambda_1/lambda_K = 40/20, trace 3 * 95.7, 0.9 of the gradient in
+    # the top-3 space, 0.5 test accuracy
     (row,) = _table_rows(text, "mlp (no BN)")
-    assert row[1:8] == ["10", "100", "40", "2", "3 (3)", "20", "2"]
-    assert row[8].startswith("287 ± ") and row[9] == "0.9" and row[-1] == "0.5"
+    assert row[1:9] == ["10", "100", "40", "20", "2", "3 (3)", "20", "2"]
+    assert row[9].startswith("287 ± ") and row[10] == "0.9" and row[-1] == "0.5"
     for run in results["runs"]:
         section = text.split(f"## {run['name']} (", 1)[1].split("\n## ", 1)[0]
         rows = _table_rows(section, "")[1:]  # below the header
@@ -282,24 +320,55 @@ def test_report_numbers_are_the_results_numbers(tmp_path):
         assert rows == [
             [
                 fmt(c["step"]), fmt(c["train_loss"]), fmt(c["test_accuracy"]),
-                fmt(c["top_eigenvalues"][0]), fmt(c["num_outliers"]), fmt(c["outlier_ratio"]),
-                fmt(c["lambda1_over_lambdaK"]), fmt(c["gradient_energy_full"][k - 1]),
+                fmt(c["top_eigenvalues"][0]), fmt(c["headline_ratio"]), fmt(c["num_outliers"]),
+                fmt(c["outlier_ratio"]), fmt(c["lambda1_over_lambdaK"]),
+                fmt(c["top_k_overlap_with_previous"]), fmt(c["gradient_energy_full"][k - 1]),
                 fmt(c["gradient_energy_minibatch_mean"][k - 1]), fmt(c["density_sigma"], 2),
             ]
             for c in run["checkpoints"]
         ]  # fmt: skip
     (f,) = findings(results)
-    for key in ("outlier_ratio_plain", "outlier_ratio_bn", "outlier_ratio_quotient",
+    for key in ("headline_ratio_plain", "headline_ratio_bn", "headline_ratio_quotient",
+                "outlier_ratio_plain", "outlier_ratio_bn", "outlier_ratio_quotient",
                 "energy_topK_plain", "energy_topK_bn", "energy_topK_difference",
                 "minibatch_energy_topK_plain", "minibatch_energy_topK_bn"):  # fmt: skip
         assert fmt(f[key]) in text, key
     assert f"{fmt(results['timing']['seconds_total'])} s in all" in text
 
 
+def test_per_layer_table_and_sharpness_state_the_results_numbers(tmp_path):
+    """The per-layer table: one row per layer and run at the last checkpoint, its size, λ1,
+    trace and share of the summed traces (against the constructed values, e.g. the head of
+    the run without BN: 70 of 100); the Jensen-Shannon distances; the sharpness line of
+    each network with its largest λmax and the threshold; the weight-decay line."""
+    results, _ = load_results(_study(tmp_path).out_dir)
+    text = render_report(results, {})
+    section = text.split("## Per layer at the last checkpoint", 1)[1].split("\n## ", 1)[0]
+    rows = _table_rows(section, "")[1:]
+    expected = []
+    for name, i in (("linears/0", 0), ("linears/1", 1), ("head", 2)):
+        for run, layers in zip(results["runs"], LAYERS, strict=True):
+            label = next(r[0] for r in _table_rows(text, f"{run['name']} ("))
+            share = layers["traces"][i] / sum(layers["traces"])
+            numbers = [layers["sizes"][i], layers["lambda1"][i], layers["traces"][i], share]
+            expected.append([name, label, "10", *map(fmt, numbers)])
+    assert rows == expected
+    assert ["head", "mlp (no BN)", "10", "20", "30", "70", "0.7"] in rows
+    assert "mlp (no BN), step 10: linears/0–linears/1 0.1, linears/0–head 0.5" in section
+    sharp = text.split("## Sharpness during training", 1)[1].split("\n## ", 1)[0]
+    assert "- mlp: λmax 3 at step 0, 12 at step 10, largest 12 at step 10; stability " \
+           "threshold 38, the largest λmax is 0.316 of it." in sharp  # fmt: skip
+    assert "- mlp + BN: λmax 2 at step 0, 1 at step 10, largest 2 at step 0" in sharp
+    assert "- Weight decay: none in the training, none in the analysed objective." in text
+
+
 def test_write_report_draws_every_figure(tmp_path):
     _study(tmp_path)
     figures = write_report(tmp_path)
-    assert len(figures) == 5
+    assert len(figures) == 8
+    assert {rel.split("/")[1] for rel in figures.values()} >= {
+        "per_layer_density.png", "overlap.png", "sharpness.png"
+    }  # fmt: skip
     for rel in figures.values():
         data = (tmp_path / rel).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -87,6 +87,9 @@ def density_js_distance(densities: Any, grid: Any) -> np.ndarray:
     if np.any(totals <= 0):
         raise ValueError("density_js_distance: a density has no mass on the grid.")
     masses /= totals[:, None]
+    # subnormal masses (far Gaussian tails) would make (p + q) / 2 underflow to 0 where p > 0,
+    # and the divergence infinite: they are zero to double precision anyway
+    masses[masses < np.finfo(np.float64).tiny] = 0.0
     b = dens.shape[0]
     out = np.zeros((b, b))
     for i in range(b):

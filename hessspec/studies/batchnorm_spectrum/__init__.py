@@ -12,12 +12,15 @@ or step by step: :func:`prepare_study` (data, analysis set, networks), :func:`ru
 (train and analyse into a prepared folder), :func:`analyze_run` (analyse saved networks
 again), :func:`load_results` and :func:`findings` (read a run back).
 
-Modules: ``config`` (the study's config sections), ``setup`` (data and networks),
-``preflight`` (memory before training), ``analyzer`` (every measurement at one checkpoint),
-``session`` and ``runner`` (training and analysis into a run folder), ``reanalysis``
-(``analyze``), ``study`` (the whole run, with its refusals and the run folder's swap),
-``results`` (results.json and spectra.npz), ``report`` (findings and report.md), ``plots``
-(the figures), ``errors`` (how a run stops).
+Modules: ``config`` (the study's config sections), ``settings`` (their resolved numbers, the
+weight decay of the analysed objective), ``setup`` (data and networks), ``preflight``
+(memory before training), ``analyzer`` (every measurement at one checkpoint), ``layers``
+(per-layer spectra), ``tracking`` (the top-K overlap between checkpoints, the sharpness
+during training), ``session`` and ``runner`` (training and analysis into a run folder),
+``reanalysis`` (``analyze``), ``study`` (the whole run, with its refusals and the run
+folder's swap), ``results`` (results.json and spectra.npz) and ``schema`` (what they must
+hold), ``report`` and ``report_sections`` (findings and report.md), ``plots`` (the
+figures), ``errors`` (how a run stops).
 """
 
 from hessspec.studies.batchnorm_spectrum.config import (

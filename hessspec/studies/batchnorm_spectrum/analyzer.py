@@ -8,27 +8,35 @@ training step, in one BatchNorm mode) and measures, on a fixed analysis set:
 - the SLQ spectral density (:func:`hessspec.spectral_density`), smoothed with Ghorbani's
   default width on a grid fine enough to resolve it;
 - the Hessian trace (:func:`hessspec.linalg.trace`, Hutch++ by default);
-- the outlier/bulk split of the top eigenvalues (:func:`hessspec.outlier_split`);
+- the headline ratio ``lambda_1 / lambda_{K+1}`` (one definition for every run and
+  checkpoint, which no heuristic can flip), and the outlier/bulk split of the top
+  eigenvalues at their largest relative gap (:func:`hessspec.outlier_split`);
 - the gradient energy in the top-``j`` eigenspace, ``j = 1..k``, of the full-batch
   gradient of the analysed loss and of mini-batch gradients from the training set (mean
   and standard deviation over several mini-batches);
+- per-layer spectra (:mod:`hessspec.studies.batchnorm_spectrum.layers`) when
+  ``settings.per_layer``;
 - loss and accuracy on the training and test sets, and the analysed loss itself.
 
 The Hessian and the full-batch gradient are those of ``sum_b (|b|/N) L_b`` over the
 analysis set cut into consecutive batches of ``hvp_batch_size`` (exactly the dataset-mean
 loss without BatchNorm and in eval/population mode; in BN train mode the function whose
 batches use their own statistics, as in :func:`hessspec.hessian_operator` with that batch
-size). Every metric is computed in the objective's BN mode. It knows nothing of files: it
+size), plus ``(wd / 2) ||w||^2`` when ``settings.weight_decay = wd > 0``
+(:func:`~hessspec.studies.batchnorm_spectrum.settings.with_weight_decay`; the mini-batch
+gradients get ``wd w`` too; the train/test losses are the data loss alone). Every metric is
+computed in the objective's BN mode. It knows nothing of files: it
 returns a JSON-ready record and a dict of arrays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -46,112 +54,38 @@ from hessspec.linalg.memory import MemoryEstimate, estimate_memory
 from hessspec.linalg.trace import trace
 from hessspec.nn.data import Dataset
 from hessspec.nn.objective import Objective, output_loss
-from hessspec.studies.batchnorm_spectrum.config import AnalysisConfig, TrainConfig
+from hessspec.studies.batchnorm_spectrum.layers import measure_layers
+from hessspec.studies.batchnorm_spectrum.settings import (
+    StudySettings,
+    resolve_settings,
+    with_weight_decay,
+)
 
 __all__ = [
     "CheckpointAnalysis",
     "CheckpointAnalyzer",
     "StudySettings",
+    "analysis_stages",
+    "convergence_notes",
     "density_grid",
+    "headline_ratio",
     "resolve_settings",
 ]
 
-
-@dataclasses.dataclass(frozen=True)
-class StudySettings:
-    """The numbers of one analysis, resolved from an :class:`AnalysisConfig`.
-
-    Attributes:
-        top_k: number of top eigenpairs.
-        lanczos_steps: Lanczos basis size for the top eigenpairs (None: library default).
-        tol: relative residual tolerance (None: library default for the model dtype).
-        slq_probes: SLQ probe vectors.
-        slq_steps: Lanczos steps per SLQ probe.
-        slq_probe_batch_size: SLQ probes run together (None: all at once).
-        trace_matvecs: matvecs for the trace estimate.
-        matvec_batch_size: matvecs vmapped together in the trace estimate and the residual
-            check of the eigenpairs (None: all at once).
-        trace_method: ``"hutch++"`` or ``"hutchinson"``.
-        hvp_batch_size: the analysis set is cut into consecutive batches of this many
-            examples; in BN train mode each batch is normalised with its own statistics
-            (this defines the analysed function); otherwise the loss separates over
-            examples and the batches only group the work.
-        chunk_size: examples per Hessian-vector-product chunk (a memory bound; None: the
-            whole analysis set at once); a multiple of ``hvp_batch_size``.
-        num_minibatches: number of mini-batch gradients.
-        minibatch_size: examples per mini-batch gradient.
-        eval_batch_size: batch size of the loss/accuracy evaluation.
-        basis_dtype: dtype of the Krylov bases of the top eigenpairs and of SLQ
-            (``"float32"`` or ``"float64"``; None: the solver dtype, float64 with x64).
-        basis_memory: where those bases live, ``"device"`` or ``"host"``.
-    """
-
-    top_k: int
-    lanczos_steps: int | None
-    tol: float | None
-    slq_probes: int
-    slq_steps: int
-    slq_probe_batch_size: int | None
-    trace_matvecs: int
-    matvec_batch_size: int | None
-    trace_method: str
-    hvp_batch_size: int
-    chunk_size: int | None
-    num_minibatches: int
-    minibatch_size: int
-    eval_batch_size: int
-    basis_dtype: str | None = None
-    basis_memory: str = "device"
+#: The stages :meth:`CheckpointAnalyzer.analyse` reports, in order (``"per-layer spectra"``
+#: only when ``settings.per_layer``): :func:`analysis_stages`.
+_STAGES = ("hessian", "top eigenpairs", "density", "trace", "gradients", "per-layer spectra",
+           "metrics")  # fmt: skip
 
 
-def resolve_settings(
-    analysis: AnalysisConfig,
-    train: TrainConfig,
-    num_classes: int,
-    num_params: int,
-    analysis_size: int,
-    train_size: int,
-) -> StudySettings:
-    """Fill the config's "0 = automatic" entries and clip to what the problem allows.
-
-    ``top_k = 2K`` and every batch size 0 become ``train.batch_size`` (clipped to the
-    analysis/training set); ``top_k`` and the Krylov sizes are clipped to the number of
-    parameters (a Krylov space has at most that many dimensions).
-    """
-    dim = int(num_params)
-    k = analysis.top_k or 2 * max(int(num_classes), 1)
-    k = max(1, min(k, dim - 1 if dim > 1 else 1))
-    steps = analysis.lanczos_steps or None
-    if steps is not None:
-        steps = min(max(steps, k + 1), dim)
-    hvp_bs = min(analysis.batch_size or train.batch_size, analysis_size)
-    chunk = None
-    if analysis.chunk_size and analysis.chunk_size < analysis_size:
-        chunk = max(hvp_bs, analysis.chunk_size // hvp_bs * hvp_bs)
-    mb = min(analysis.minibatch_size or train.batch_size, train_size)
-    return StudySettings(
-        top_k=k,
-        lanczos_steps=steps,
-        tol=analysis.tol or None,
-        slq_probes=analysis.slq_probes,
-        slq_steps=min(analysis.slq_steps, dim),
-        slq_probe_batch_size=analysis.slq_probe_batch_size or None,
-        trace_matvecs=max(analysis.trace_matvecs, 4),
-        matvec_batch_size=analysis.matvec_batch_size or None,
-        trace_method=analysis.trace_method,
-        hvp_batch_size=hvp_bs,
-        chunk_size=chunk,
-        num_minibatches=analysis.num_minibatches,
-        minibatch_size=mb,
-        eval_batch_size=hvp_bs,
-        basis_dtype=analysis.basis_dtype or None,
-        basis_memory=analysis.basis_memory,
-    )
+def analysis_stages(per_layer: bool) -> tuple[str, ...]:
+    """The stages :meth:`CheckpointAnalyzer.analyse` reports, in order."""
+    return tuple(s for s in _STAGES if per_layer or s != "per-layer spectra")
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointAnalysis:
-    """The result of :func:`analyse_checkpoint`.
+    """The result of :meth:`CheckpointAnalyzer.analyse`.
 
     Attributes:
         record: JSON-ready dict (floats, ints, lists; NaN written as None), the checkpoint
@@ -159,7 +93,8 @@ class CheckpointAnalysis:
         arrays: numpy arrays for ``spectra.npz``: ``nodes``, ``weights`` (SLQ, ``(P, m)``),
             ``eigenvalues``, ``residuals`` (``(k,)``), ``eigenvectors`` (``(k, dim)``),
             ``density_grid``, ``density`` (``(G,)``), ``gradient_energy_minibatch``
-            (``(B, k)``).
+            (``(B, k)``), and the per-layer arrays
+            (:func:`~hessspec.studies.batchnorm_spectrum.layers.measure_layers`).
     """
 
     record: dict[str, Any]
@@ -173,6 +108,21 @@ def _finite_or_none(x: float) -> float | None:
 
 def _floats(a: Any) -> list[float | None]:
     return [_finite_or_none(v) for v in np.asarray(a, dtype=np.float64).reshape(-1)]
+
+
+@contextlib.contextmanager
+def convergence_notes() -> Iterator[list[str]]:
+    """Collect the Lanczos convergence warnings raised inside as notes (a list, filled on
+    exit); every other warning is passed on."""
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LanczosConvergenceWarning)
+        yield notes
+    for w in caught:
+        if issubclass(w.category, LanczosConvergenceWarning):
+            notes.append(str(w.message))
+        else:  # pass on anything that is not the convergence note
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class CheckpointAnalyzer:
@@ -191,12 +141,13 @@ class CheckpointAnalyzer:
         analysis_set: the fixed examples whose Hessian is analysed.
         train_set: training set (mini-batch gradients, train loss/accuracy).
         test_set: test set (test loss/accuracy).
-        num_classes: ``K`` (reference outlier count, ``lambda_K``).
+        num_classes: ``K`` (reference outlier count, ``lambda_K``, the headline's
+            ``lambda_{K+1}``).
         settings: resolved numbers (:func:`resolve_settings`).
-        check_memory: passed to the three solvers: True compares each call's memory
-            estimate with the memory available when it starts, a number (bytes) with that
-            budget instead (a multi-process run passes the budget all processes agreed on,
-            so they all decide alike), False skips the check.
+        check_memory: passed to the solvers: True compares each call's memory estimate
+            with the memory available when it starts, a number (bytes) with that budget
+            instead (a multi-process run passes the budget all processes agreed on, so they
+            all decide alike), False skips the check.
     """
 
     def __init__(
@@ -218,43 +169,25 @@ class CheckpointAnalyzer:
         self.test_set = test_set
         self.num_classes = int(num_classes)
         self.settings = settings
-        graphdef, rest, loss = objective.graphdef, objective.rest, objective.loss
         # in BN train mode each batch of hvp_batch_size is normalised with its own
         # statistics; otherwise the loss separates and the batch size only bounds memory
         if objective.bn_mode == "train":
             self.operator_batch_size = settings.hvp_batch_size
         else:
             self.operator_batch_size = settings.chunk_size
+        self._metrics, self._minibatch_grads = _compiled_functions(objective, train_set)
 
-        def logits(params, stats, x):
-            return nnx.merge(graphdef, params, stats, rest)(x)
-
-        def loss_with(params, stats, batch):
-            return output_loss(logits(params, stats, batch["x"]), batch, loss)
-
-        def metrics(params, stats, x, y):
-            z = logits(params, stats, x)
-            total = output_loss(z, {"x": x, "y": y}, loss) * x.shape[0]
-            correct = jnp.sum(jnp.argmax(z, axis=-1) == y) if train_set.is_classification else 0
-            return total, correct
-
-        self._metrics = jax.jit(metrics)
-
-        def minibatch_grads(params, stats, xb, yb):
-            def one(xy):
-                g = jax.grad(loss_with)(params, stats, {"x": xy[0], "y": xy[1]})
-                return ravel_pytree(g)[0]
-
-            return jax.lax.map(one, (xb, yb))
-
-        self._minibatch_grads = jax.jit(minibatch_grads)
+    def loss_fn(self, objective: Objective) -> Any:
+        """The analysed objective's ``loss_fn(params, batch)``: the network's loss, plus
+        ``(wd / 2) ||w||^2`` when ``settings.weight_decay = wd > 0``."""
+        return with_weight_decay(objective.loss_fn, self.settings.weight_decay)
 
     def operator(self, objective: Objective) -> LinearOperator:
-        """The Hessian of the analysed loss at ``objective.params`` over the analysis set
-        (batches of ``hvp_batch_size`` in BN train mode, chunks of ``chunk_size``
+        """The Hessian of the analysed objective at ``objective.params`` over the analysis
+        set (batches of ``hvp_batch_size`` in BN train mode, chunks of ``chunk_size``
         otherwise)."""
         return hessian_operator(
-            objective.loss_fn,
+            self.loss_fn(objective),
             objective.params,
             self.analysis_set.batch,
             batch_size=self.operator_batch_size,
@@ -265,7 +198,8 @@ class CheckpointAnalyzer:
         :func:`hessspec.top_eigenpairs` (``top_k`` pairs, ``lanczos_steps`` basis vectors),
         :func:`hessspec.spectral_density` (``slq_probes`` probes of ``slq_steps`` steps) and
         :func:`hessspec.linalg.trace` (``trace_matvecs``), each with the settings' basis dtype, on
-        the Hessian operator of ``objective`` over the analysis set.
+        the Hessian operator of ``objective`` over the analysis set. (The per-layer solver
+        calls work on blocks of it, with fewer probes and steps: they need less.)
 
         Builds that operator (the analysis set goes onto the devices) and traces one
         Hessian-vector product, but compiles and runs nothing: a network of the same shape
@@ -286,10 +220,10 @@ class CheckpointAnalyzer:
         ]
 
     def full_gradient(self, objective: Objective) -> tuple[float, np.ndarray]:
-        """``(loss, flat gradient)`` of the operator's function, ``sum_b (|b|/N) L_b`` over
-        the analysis set (the same batches), as float64."""
+        """``(value, flat gradient)`` of the analysed objective, ``sum_b (|b|/N) L_b`` over
+        the analysis set (the same batches) plus the weight-decay term, as float64."""
         out = dataset_gradient(
-            objective.loss_fn,
+            self.loss_fn(objective),
             objective.params,
             self.analysis_set.batch,
             batch_size=self.operator_batch_size,
@@ -315,9 +249,9 @@ class CheckpointAnalyzer:
         return total_loss / n, accuracy
 
     def minibatch_gradients(self, objective: Objective, seed: int) -> np.ndarray:
-        """``(B, dim)`` gradients of the analysed loss on ``settings.num_minibatches`` random
-        mini-batches of ``settings.minibatch_size`` training examples (each drawn without
-        replacement): the gradients SGD would see."""
+        """``(B, dim)`` gradients of the analysed objective on ``settings.num_minibatches``
+        random mini-batches of ``settings.minibatch_size`` training examples (each drawn
+        without replacement; plus ``wd w`` with weight decay): the gradients SGD would see."""
         s = self.settings
         rng = np.random.default_rng(seed)
         n = self.train_set.num_examples
@@ -326,15 +260,18 @@ class CheckpointAnalyzer:
         )
         xb = jnp.asarray(self.train_set.x[idx])
         yb = jnp.asarray(self.train_set.y[idx])
-        grads = self._minibatch_grads(objective.params, objective.stats, xb, yb)
-        return np.asarray(grads, dtype=np.float64)
+        grads = np.asarray(
+            self._minibatch_grads(objective.params, objective.stats, xb, yb), dtype=np.float64
+        )
+        if s.weight_decay:
+            w = np.asarray(ravel_pytree(objective.params)[0], np.float64)
+            grads = grads + s.weight_decay * w
+        return grads
 
     def _eigenpairs(self, op: LinearOperator, key: jax.Array):
-        """The top ``settings.top_k`` eigenpairs, and the Lanczos convergence notes (other
-        warnings are passed on)."""
+        """The top ``settings.top_k`` eigenpairs, and the Lanczos convergence notes."""
         s = self.settings
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", LanczosConvergenceWarning)
+        with convergence_notes() as notes:
             eig = top_eigenpairs(
                 op,
                 s.top_k,
@@ -345,12 +282,6 @@ class CheckpointAnalyzer:
                 basis_memory=s.basis_memory,
                 check_memory=self.check_memory,
             )
-        notes = [
-            str(w.message) for w in caught if issubclass(w.category, LanczosConvergenceWarning)
-        ]
-        for w in caught:  # pass on anything that is not the convergence note
-            if not issubclass(w.category, LanczosConvergenceWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return eig, notes
 
     def _density(self, op: LinearOperator, key: jax.Array, values: np.ndarray) -> _Density:
@@ -371,6 +302,53 @@ class CheckpointAnalyzer:
         grid = density_grid(lo, hi, sigma)
         return _Density(sd, sigma, grid, sd.density(grid, sigma))
 
+    def _spectrum(self, objective: Objective, key: jax.Array, stage) -> _Spectrum:
+        """The whole Hessian's top eigenpairs, density and trace."""
+        s = self.settings
+        stage("hessian")
+        op = self.operator(objective)
+        k_eig, k_slq, k_tr = jax.random.split(key, 3)
+        stage("top eigenpairs")
+        eig, notes = self._eigenpairs(op, k_eig)
+        values = np.asarray(eig.values, dtype=np.float64)
+        stage("density")
+        density = self._density(op, k_slq, values)
+        stage("trace")
+        tr = trace(
+            op,
+            num_matvecs=s.trace_matvecs,
+            key=k_tr,
+            method=s.trace_method,
+            basis_dtype=s.basis_dtype,
+            check_memory=self.check_memory,
+        )
+        return _Spectrum(eig, values, np.asarray(eig.vectors, dtype=np.float64), notes, density, tr)
+
+    def _layers(self, objective: Objective, key: jax.Array) -> tuple[dict, dict, list[str]]:
+        """The per-layer record, arrays and convergence notes (empty when not asked for)."""
+        if not self.settings.per_layer:
+            return {}, {}, []
+        with convergence_notes() as notes:
+            record, arrays = measure_layers(
+                self.loss_fn(objective),
+                objective.params,
+                self.analysis_set.batch,
+                settings=self.settings,
+                batch_size=self.operator_batch_size,
+                key=key,
+                check_memory=self.check_memory,
+            )
+        return {"per_layer": record}, arrays, [f"per-layer spectra: {n}" for n in notes]
+
+    def _check_objective(self, objective: Objective) -> None:
+        if objective.graphdef != self.graphdef or objective.loss != self.loss:
+            raise ValueError(
+                f"this analyzer was built for a network in bn_mode={self.bn_mode!r} with the "
+                f"{self.loss} loss; got one in bn_mode={objective.bn_mode!r} with the "
+                f"{objective.loss} loss and another graph. Eval and population mode share a "
+                "graph (only their statistics differ); train mode needs its own analyzer."
+            )
+
     def analyse(
         self,
         objective: Objective,
@@ -384,77 +362,49 @@ class CheckpointAnalyzer:
             objective: the network at this checkpoint, with the same graph and loss as the
                 one given at construction (same BN mode, or eval and population mode,
                 which differ only in their statistics).
-            key: PRNG key of the Lanczos start vector and the SLQ and trace probes.
+            key: PRNG key of the Lanczos start vector and the SLQ and trace probes (the
+                per-layer spectra use ``fold_in(key, 1)``).
             seed: seed of the mini-batch draw.
-            on_stage: called with a short name before each stage (progress displays).
+            on_stage: called with a short name before each stage (progress displays,
+                :func:`analysis_stages`).
 
         Returns:
             :class:`CheckpointAnalysis`. Pairs that missed the residual tolerance are
             flagged in ``record["converged"]`` and their warnings kept in
             ``record["warnings"]``.
         """
-        if objective.graphdef != self.graphdef or objective.loss != self.loss:
-            raise ValueError(
-                f"this analyzer was built for a network in bn_mode={self.bn_mode!r} with the "
-                f"{self.loss} loss; got one in bn_mode={objective.bn_mode!r} with the "
-                f"{objective.loss} loss and another graph. Eval and population mode share a "
-                "graph (only their statistics differ); train mode needs its own analyzer."
-            )
+        self._check_objective(objective)
         stage = on_stage or (lambda name: None)
-        s = self.settings
         t0 = time.perf_counter()
-        stage("hessian")
-        op = self.operator(objective)
-        k_eig, k_slq, k_tr = jax.random.split(key, 3)
-        stage("top eigenpairs")
-        eig, notes = self._eigenpairs(op, k_eig)
-        values = np.asarray(eig.values, dtype=np.float64)
-        vectors = np.asarray(eig.vectors, dtype=np.float64)
-        stage("density")
-        density = self._density(op, k_slq, values)
-        stage("trace")
-        tr = trace(
-            op,
-            num_matvecs=s.trace_matvecs,
-            key=k_tr,
-            method=s.trace_method,
-            basis_dtype=s.basis_dtype,
-            check_memory=self.check_memory,
-        )
+        spec = self._spectrum(objective, key, stage)
         stage("gradients")
         analysis_loss, g = self.full_gradient(objective)
         mb = self.minibatch_gradients(objective, seed)
-        energy_mb = gradient_energy(mb, vectors)
+        energy_mb = gradient_energy(mb, spec.vectors)
+        if self.settings.per_layer:
+            stage("per-layer spectra")
+        layers, layer_arrays, layer_notes = self._layers(objective, jax.random.fold_in(key, 1))
         stage("metrics")
         record = {
             **self._metrics_record(objective),
             "analysis_loss": _finite_or_none(analysis_loss),
-            **_eigen_record(eig, values, notes),
-            "trace": _finite_or_none(tr.value),
-            "trace_stderr": _finite_or_none(tr.stderr),
-            **_outlier_record(values, max(self.num_classes, 1)),
-            "slq_lambda_min": _finite_or_none(density.sd.lambda_min),
-            "slq_lambda_max": _finite_or_none(density.sd.lambda_max),
-            "density_sigma": _finite_or_none(density.sigma),
+            **_eigen_record(spec.eig, spec.values, spec.notes),
+            "trace": _finite_or_none(spec.trace.value),
+            "trace_stderr": _finite_or_none(spec.trace.stderr),
+            **_outlier_record(spec.values, max(self.num_classes, 1)),
+            "slq_lambda_min": _finite_or_none(spec.density.sd.lambda_min),
+            "slq_lambda_max": _finite_or_none(spec.density.sd.lambda_max),
+            "density_sigma": _finite_or_none(spec.density.sigma),
             "gradient_norm": _finite_or_none(np.linalg.norm(g)),
-            "gradient_energy_full": _floats(gradient_energy(g, vectors)),
+            "gradient_energy_full": _floats(gradient_energy(g, spec.vectors)),
             "gradient_energy_minibatch_mean": _floats(energy_mb.mean(axis=0)),
             "gradient_energy_minibatch_std": _floats(energy_mb.std(axis=0)),
             "minibatch_gradient_norm_mean": _finite_or_none(np.linalg.norm(mb, axis=1).mean()),
-            "warnings": notes,
+            **layers,
+            "warnings": spec.notes + layer_notes,
             "seconds": time.perf_counter() - t0,
         }
-        arrays = {
-            "nodes": np.asarray(density.sd.nodes, dtype=np.float64),
-            "weights": np.asarray(density.sd.weights, dtype=np.float64),
-            "eigenvalues": values,
-            "residuals": np.asarray(eig.residuals, dtype=np.float64),
-            "eigenvectors": vectors.astype(np.float32),
-            "density_grid": density.grid,
-            "density": density.values,
-            "gradient_energy_minibatch": energy_mb,
-        }
-        return CheckpointAnalysis(record=record, arrays=arrays)
+        return CheckpointAnalysis(record=record, arrays={**spec.arrays(energy_mb), **layer_arrays})
 
     def _metrics_record(self, objective: Objective) -> dict[str, float | None]:
         """Loss and accuracy on the training and test sets."""
@@ -468,6 +418,34 @@ class CheckpointAnalyzer:
         }
 
 
+def _compiled_functions(objective: Objective, train_set: Dataset):
+    """``(metrics, minibatch_grads)``, jit-compiled for ``objective``'s graph and loss:
+    ``metrics(params, stats, x, y) -> (summed loss, correct count)`` and
+    ``minibatch_grads(params, stats, xb, yb) -> (B, dim)`` gradients of the data loss."""
+    graphdef, rest, loss = objective.graphdef, objective.rest, objective.loss
+
+    def logits(params, stats, x):
+        return nnx.merge(graphdef, params, stats, rest)(x)
+
+    def loss_with(params, stats, batch):
+        return output_loss(logits(params, stats, batch["x"]), batch, loss)
+
+    def metrics(params, stats, x, y):
+        z = logits(params, stats, x)
+        total = output_loss(z, {"x": x, "y": y}, loss) * x.shape[0]
+        correct = jnp.sum(jnp.argmax(z, axis=-1) == y) if train_set.is_classification else 0
+        return total, correct
+
+    def minibatch_grads(params, stats, xb, yb):
+        def one(xy):
+            g = jax.grad(loss_with)(params, stats, {"x": xy[0], "y": xy[1]})
+            return ravel_pytree(g)[0]
+
+        return jax.lax.map(one, (xb, yb))
+
+    return jax.jit(metrics), jax.jit(minibatch_grads)
+
+
 class _Density(NamedTuple):
     """The SLQ result, the smoothing width, the grid and the smoothed density on it."""
 
@@ -475,6 +453,30 @@ class _Density(NamedTuple):
     sigma: float
     grid: np.ndarray
     values: np.ndarray
+
+
+class _Spectrum(NamedTuple):
+    """The whole Hessian's measurements at one checkpoint."""
+
+    eig: Any
+    values: np.ndarray
+    vectors: np.ndarray
+    notes: list[str]
+    density: _Density
+    trace: Any
+
+    def arrays(self, energy_minibatch: np.ndarray) -> dict[str, np.ndarray]:
+        """The checkpoint's arrays for spectra.npz (eigenvectors stored as float32)."""
+        return {
+            "nodes": np.asarray(self.density.sd.nodes, dtype=np.float64),
+            "weights": np.asarray(self.density.sd.weights, dtype=np.float64),
+            "eigenvalues": self.values,
+            "residuals": np.asarray(self.eig.residuals, dtype=np.float64),
+            "eigenvectors": self.vectors.astype(np.float32),
+            "density_grid": self.density.grid,
+            "density": self.density.values,
+            "gradient_energy_minibatch": energy_minibatch,
+        }
 
 
 def _eigen_record(eig, values: np.ndarray, notes: list[str]) -> dict[str, Any]:
@@ -490,11 +492,25 @@ def _eigen_record(eig, values: np.ndarray, notes: list[str]) -> dict[str, Any]:
     }
 
 
+def headline_ratio(top_eigenvalues: Any, num_classes: int) -> float | None:
+    """The headline ratio ``lambda_1 / lambda_{K+1}`` of the top eigenvalues (largest
+    first), ``K = num_classes``: Papyan's ``K`` outliers above the bulk make it large; one
+    definition for every run and checkpoint. None when fewer than ``K + 1`` values are
+    given or ``lambda_{K+1} <= 0`` (no ratio to a bulk edge then)."""
+    lam = [float(v) for v in top_eigenvalues]
+    k = max(int(num_classes), 1)
+    if len(lam) < k + 1 or not lam[k] > 0 or not math.isfinite(lam[0]):
+        return None
+    return lam[0] / lam[k]
+
+
 def _outlier_record(values: np.ndarray, k_ref: int) -> dict[str, Any]:
-    """The outlier/bulk split of the top eigenvalues against ``K = k_ref`` classes
-    (:func:`hessspec.analysis.spectrum.outlier_split`; nulls when too few values)."""
+    """The headline ratio and the outlier/bulk split of the top eigenvalues against
+    ``K = k_ref`` classes (:func:`hessspec.analysis.spectrum.outlier_split`; nulls when too
+    few values)."""
     split = outlier_split(values, k_ref) if values.size >= max(2, k_ref) else None
     return {
+        "headline_ratio": headline_ratio(values, k_ref),
         "num_outliers": int(split.num_outliers) if split else 0,
         "reference_outliers": int(k_ref),
         "bulk_edge": _finite_or_none(split.bulk_edge) if split else None,

@@ -1,7 +1,8 @@
 """Configuration of a BatchNorm spectrum study: frozen dataclasses, TOML in, overrides on top.
 
 A :class:`Config` has four sections, :class:`DataConfig` (``[data]``),
-:class:`ModelConfig` (``[model]``), :class:`TrainConfig` (``[train]``) and
+:class:`ModelConfig` (``[model]``), :class:`TrainConfig` (``[train]``: the training loop's
+options, :class:`hessspec.nn.train.TrainConfig`, and sharpness tracking) and
 :class:`AnalysisConfig` (``[analysis]``), plus a few top-level fields (``seed``, ``x64``,
 ``title``). Every field has a default; a TOML file names only what it changes::
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hessspec.nn.objective import BN_MODES
-from hessspec.nn.train import TrainConfig
+from hessspec.nn.train import TrainConfig as LoopConfig
 from hessspec.studies.common.config import (
     MAX_SEED,
     ConfigError,
@@ -47,6 +48,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "LoopConfig",
     "ModelConfig",
     "QUICK_OVERRIDES",
     "TrainConfig",
@@ -130,6 +132,19 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig(LoopConfig):
+    """``[train]``: the training loop's options (:class:`hessspec.nn.train.TrainConfig`) and
+    the sharpness tracked during training."""
+
+    track_sharpness_every: int = _f(
+        0,
+        "every this many steps, lambda_max of the training objective (BatchNorm in train "
+        "mode, the analysis set in batches of train.batch_size; warm-started Lanczos), "
+        "recorded as runs[].sharpness; 0: off",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class AnalysisConfig:
     """``[analysis]``: what is measured at every checkpoint, and on which examples."""
 
@@ -172,6 +187,26 @@ class AnalysisConfig:
         8, "mini-batch gradients whose top-eigenspace energy is averaged (mean and std)"
     )
     minibatch_size: int = _f(0, "examples per mini-batch gradient; 0: train.batch_size")
+    include_weight_decay: bool = _f(
+        True,
+        "add the L2 term of train.weight_decay to the analysed objective (Hessian + wd I, "
+        "gradient + wd w, for every parameter, as optax.add_decayed_weights does for sgd); "
+        "adam's decay is decoupled (AdamW), no term of the loss, and never added",
+    )
+    per_layer: bool = _f(
+        False,
+        "per-layer spectra at every checkpoint: one block per layer (its kernel and bias with "
+        "the scale and shift of the BatchNorm after it), each block's top eigenvalues, SLQ "
+        "density and trace, and the Jensen-Shannon distances between the block densities. "
+        "Off by default (the default run's 40 s budget: it costs about 10 s more there, "
+        "mostly compiling each block's programs); on in experiments/digits_*.toml",
+    )
+    per_layer_top_k: int = _f(3, "per-layer spectra: top eigenpairs per block")
+    per_layer_slq_probes: int = _f(4, "per-layer spectra: SLQ probe vectors per block")
+    per_layer_slq_steps: int = _f(40, "per-layer spectra: Lanczos steps per SLQ probe")
+    per_layer_trace_matvecs: int = _f(
+        60, "per-layer spectra: Hessian-vector products of each block's Hutch++ trace"
+    )
     save_eigenvectors: bool = _f(
         True, "store the top eigenvectors in spectra.npz (k x num_params per checkpoint)"
     )
@@ -328,13 +363,9 @@ def _check_positive(value: float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"config key {key!r} must be {bound}, got {value!r}.")
 
 
-def validate(config: Config) -> Config:
-    """Check the values of a config (choices, ranges, checkpoints); return it unchanged.
-
-    Raises:
-        ConfigError: the first problem found, naming the key.
-    """
-    d, m, t, a = config.data, config.model, config.train, config.analysis
+def _validate_data(config: Config) -> None:
+    """``seed`` and ``[data]``."""
+    d = config.data
     for key, seed in (("seed", config.seed), ("data.split_seed", d.split_seed)):
         if not 0 <= seed <= MAX_SEED:
             raise ConfigError(f"config key {key!r} must lie in [0, {MAX_SEED}], got {seed}.")
@@ -349,6 +380,10 @@ def validate(config: Config) -> Config:
     _check_positive(d.train_size, "data.train_size", allow_zero=True)
     _check_positive(d.test_size, "data.test_size", allow_zero=True)
 
+
+def _validate_model(config: Config) -> None:
+    """``[model]``."""
+    m = config.model
     _check_choice(m.name, MODELS, "model.name")
     _check_choice(m.dtype, DTYPES, "model.dtype")
     _check_choice(m.loss, LOSSES, "model.loss")
@@ -374,6 +409,9 @@ def validate(config: Config) -> Config:
             f"config key 'model.bn_momentum' must lie in [0, 1), got {m.bn_momentum}."
         )
 
+
+def _validate_train(t: TrainConfig) -> None:
+    """``[train]``."""
     _check_choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     _check_positive(t.learning_rate, "train.learning_rate")
     if not 0 <= t.momentum < 1:
@@ -385,6 +423,7 @@ def validate(config: Config) -> Config:
     _check_positive(t.batch_size, "train.batch_size")
     _check_positive(t.steps, "train.steps", allow_zero=True)
     _check_positive(t.num_checkpoints, "train.num_checkpoints")
+    _check_positive(t.track_sharpness_every, "train.track_sharpness_every", allow_zero=True)
     bad = [s for s in t.checkpoints if not 0 <= s <= t.steps]
     if bad:
         raise ConfigError(
@@ -392,6 +431,11 @@ def validate(config: Config) -> Config:
             f"got {bad}."
         )
 
+
+def _validate_analysis(config: Config) -> None:
+    """``[analysis]`` (its top_k against the number of classes is checked with the data,
+    :func:`hessspec.studies.batchnorm_spectrum.setup.prepare_study`)."""
+    a = config.analysis
     if not a.bn_modes:
         raise ConfigError("config key 'analysis.bn_modes' needs at least one mode.")
     for i, mode in enumerate(a.bn_modes):
@@ -419,8 +463,29 @@ def validate(config: Config) -> Config:
         )
     _check_choice(a.basis_memory, BASIS_MEMORIES, "analysis.basis_memory")
     _check_positive(a.memory_limit_gib, "analysis.memory_limit_gib", allow_zero=True)
-    for key in ("slq_probes", "slq_steps", "trace_matvecs", "num_minibatches"):
+    for key in (
+        "slq_probes",
+        "slq_steps",
+        "trace_matvecs",
+        "num_minibatches",
+        "per_layer_top_k",
+        "per_layer_slq_probes",
+        "per_layer_slq_steps",
+        "per_layer_trace_matvecs",
+    ):
         _check_positive(getattr(a, key), f"analysis.{key}")
+
+
+def validate(config: Config) -> Config:
+    """Check the values of a config (choices, ranges, checkpoints); return it unchanged.
+
+    Raises:
+        ConfigError: the first problem found, naming the key.
+    """
+    _validate_data(config)
+    _validate_model(config)
+    _validate_train(config.train)
+    _validate_analysis(config)
     return config
 
 

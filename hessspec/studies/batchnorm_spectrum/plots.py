@@ -24,7 +24,10 @@ __all__ = [
     "gradient_energy_figure",
     "loss_curves_figure",
     "outlier_ratio_figure",
+    "overlap_figure",
+    "per_layer_density_figure",
     "run_label",
+    "sharpness_figure",
     "top_eigenvalues_figure",
 ]
 
@@ -68,15 +71,34 @@ def _steps(results: Mapping[str, Any]) -> list[int]:
     return sorted({c["step"] for r in _runs(results) for c in r["checkpoints"]})
 
 
+def _panels(n: int, hspace: float = 0.45) -> tuple[Figure, np.ndarray]:
+    """A figure of ``n`` density panels, three to a row (the unused ones hidden)."""
+    rows, cols = _grid(max(n, 1))
+    fig = Figure(figsize=(4.6 * cols, 3.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    fig.subplots_adjust(hspace=hspace, wspace=0.3)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _finish_density_panel(ax, title: str, floor: float, top: float) -> None:
+    """Log y axis from ``floor`` to ``top`` (when they make a range), title, labels, legend."""
+    ax.set_yscale("log")
+    if np.isfinite(floor) and top > floor:
+        ax.set_ylim(floor, top)
+    ax.set_title(title)
+    ax.set_xlabel("eigenvalue λ")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7, loc="upper right")
+
+
 def density_figure(results: Mapping[str, Any], spectra: Mapping[str, np.ndarray]) -> Figure:
     """The smoothed SLQ spectral density on a log y axis, one panel per checkpoint step,
     every run overlaid (with and without BatchNorm). The kernel width σ of each curve is in
     its legend entry."""
     steps = _steps(results)
-    rows, cols = _grid(max(len(steps), 1))
-    fig = Figure(figsize=(4.6 * cols, 3.4 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    fig.subplots_adjust(hspace=0.45, wspace=0.3)
+    fig, axes = _panels(len(steps))
     colors = _colors(results)
     for ax, step in zip(axes, steps, strict=False):
         floor, top = np.inf, 0.0
@@ -93,15 +115,7 @@ def density_figure(results: Mapping[str, Any], spectra: Mapping[str, np.ndarray]
             if dens.max() > 0:
                 floor = min(floor, dens.max() * 1e-7)
                 top = max(top, dens.max() * 3)
-        ax.set_yscale("log")
-        if np.isfinite(floor) and top > floor:
-            ax.set_ylim(floor, top)
-        ax.set_title(f"step {step}")
-        ax.set_xlabel("eigenvalue λ")
-        ax.set_ylabel("density")
-        ax.legend(fontsize=7, loc="upper right")
-    for ax in axes[len(steps) :]:
-        ax.set_visible(False)
+        _finish_density_panel(ax, f"step {step}", floor, top)
     fig.suptitle("Hessian spectral density (SLQ, Gaussian smoothing)", y=1.0)
     return fig
 
@@ -148,25 +162,103 @@ def top_eigenvalues_figure(results: Mapping[str, Any]) -> Figure:
     return fig
 
 
-def outlier_ratio_figure(results: Mapping[str, Any]) -> Figure:
-    """Outlier ratio λ1/bulk edge (solid) and λ1/λK (dashed) over training, every run."""
+def _values(checkpoints: list[Mapping[str, Any]], key: str) -> list[float]:
+    """``checkpoint[key]`` of each checkpoint, NaN where missing or null."""
+    return [np.nan if c.get(key) is None else c[key] for c in checkpoints]
+
+
+def _over_training(results: Mapping[str, Any], key: str) -> tuple[Figure, Any, int]:
+    """A figure of checkpoint entry ``key`` against the step, one line per run; the axes
+    and ``K`` (the number of classes)."""
     fig = Figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     colors = _colors(results)
+    k = 1
     for run in _runs(results):
+        k = int(run.get("num_classes") or 1)
         steps = [c["step"] for c in run["checkpoints"]]
-        ratio = [c.get("outlier_ratio") for c in run["checkpoints"]]
-        kth = [c.get("lambda1_over_lambdaK") for c in run["checkpoints"]]
-        ratio = [np.nan if v is None else v for v in ratio]
-        kth = [np.nan if v is None else v for v in kth]
-        color = colors[run["name"]]
-        ax.plot(steps, ratio, marker="o", color=color, label=f"{run_label(run)}: λ1/bulk edge")
-        ax.plot(steps, kth, ls="--", marker=".", color=color, alpha=0.7, label="   λ1/λK")
+        values = _values(run["checkpoints"], key)
+        ax.plot(steps, values, marker="o", color=colors[run["name"]], label=run_label(run))
+    return fig, ax, k
+
+
+def outlier_ratio_figure(results: Mapping[str, Any]) -> Figure:
+    """The headline ratio λ1/λK+1 over training, every run (one definition for every run
+    and checkpoint; K the number of classes)."""
+    fig, ax, k = _over_training(results, "headline_ratio")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel("ratio")
-    ax.set_title("Outliers against the bulk over training")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_ylabel(f"λ1 / λ{k + 1}")
+    ax.set_title(f"Outliers against the bulk over training: λ1/λK+1 (K = {k})")
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def overlap_figure(results: Mapping[str, Any]) -> Figure:
+    """The overlap ||Q_prev^T Q||_F^2 / K of the top-K eigenspace of each checkpoint with
+    the previous checkpoint's, over training, every run (Gur-Ari et al. 2018)."""
+    fig, ax, k = _over_training(results, "top_k_overlap_with_previous")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("training step (overlap with the previous checkpoint)")
+    ax.set_ylabel(f"‖Q_prevᵀ Q‖²_F / {k}")
+    ax.set_title(f"Top-{k} Hessian eigenspace: overlap with the previous checkpoint")
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def per_layer_density_figure(
+    results: Mapping[str, Any], spectra: Mapping[str, np.ndarray]
+) -> Figure:
+    """Per-layer spectral densities at each run's last checkpoint with per-layer spectra,
+    one panel per run (without and with BatchNorm side by side), one curve per layer, log y
+    axis; the common kernel width σ of each panel in its title."""
+    runs = [
+        (r, [c for c in r["checkpoints"] if c.get("per_layer")][-1])
+        for r in _runs(results)
+        if any(c.get("per_layer") for c in r["checkpoints"])
+    ]
+    fig, axes = _panels(len(runs), hspace=0.55)
+    for ax, (run, c) in zip(axes, runs, strict=False):
+        grid = spectra.get(spectra_key(run["name"], c["step"], "layer_density_grid"))
+        dens = spectra.get(spectra_key(run["name"], c["step"], "layer_densities"))
+        if grid is None or dens is None:
+            continue
+        top = float(np.max(dens)) if np.size(dens) else 0.0
+        for i, name in enumerate(c["per_layer"]["names"]):
+            color = f"C{i % 10}"
+            ax.plot(grid, np.maximum(dens[i], 1e-300), lw=1.1, color=color, label=name)
+        sigma = c["per_layer"].get("density_sigma")
+        title = f"{run_label(run)}\nstep {c['step']}" + (f", σ={sigma:.2g}" if sigma else "")
+        _finish_density_panel(ax, title, top * 1e-7, top * 3)
+    fig.suptitle("Per-layer Hessian spectral densities at the last checkpoint", y=1.06)
+    return fig
+
+
+def sharpness_figure(results: Mapping[str, Any]) -> Figure:
+    """λmax of the training objective against the step, one curve per trained network (its
+    BN modes share the training), the stability threshold of the optimizer dashed."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    colors = _colors(results)
+    seen, thresholds = set(), set()
+    for run in _runs(results):
+        key = (run.get("model"), run.get("batchnorm"))
+        entries = run.get("sharpness") or []
+        if not entries or key in seen:
+            continue
+        seen.add(key)
+        label = f"{run['model']}{' + BN' if run.get('batchnorm') else ''}"
+        ax.plot([e["step"] for e in entries], _values(entries, "lambda_max"), marker=".",
+                ms=3, lw=1.0, color=colors[run["name"]], label=f"{label}: λmax")  # fmt: skip
+        if run.get("stability_threshold") is not None:
+            thresholds.add(float(run["stability_threshold"]))
+    for threshold in sorted(thresholds):
+        ax.axhline(threshold, color="k", ls="--", lw=0.9, label=f"threshold {threshold:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("λmax")
+    ax.set_title("Sharpness during training (dashed: stability threshold)")
+    ax.legend(fontsize=7, loc="best")
     return fig
 
 
@@ -312,10 +404,34 @@ def draw_all(
             density_figure(results, spectra),
         ),
         "Top eigenvalues over training": ("top_eigenvalues", top_eigenvalues_figure(results)),
-        "Outlier ratio over training": ("outlier_ratio", outlier_ratio_figure(results)),
+        "Outlier ratio λ1/λK+1 over training": ("outlier_ratio", outlier_ratio_figure(results)),
         "Gradient energy in the top-k eigenspace": (
             "gradient_energy",
             gradient_energy_figure(results),
         ),
         "Loss curves and test accuracy": ("loss_curves", loss_curves_figure(results)),
+        **_tracking_figures(results, spectra),
     }
+
+
+def _tracking_figures(
+    results: Mapping[str, Any], spectra: Mapping[str, np.ndarray]
+) -> dict[str, tuple[str, Figure]]:
+    """The figures of what a run measured beyond the whole Hessian, when it did: the
+    per-layer densities, the top-K overlap over training, the sharpness."""
+    runs = _runs(results)
+    checkpoints = [c for r in runs for c in r["checkpoints"]]
+    figures = {}
+    if any(c.get("per_layer") for c in checkpoints):
+        figures["Per-layer spectral densities at the last checkpoint"] = (
+            "per_layer_density",
+            per_layer_density_figure(results, spectra),
+        )
+    if any(c.get("top_k_overlap_with_previous") is not None for c in checkpoints):
+        figures["Top-K eigenspace overlap with the previous checkpoint"] = (
+            "overlap",
+            overlap_figure(results),
+        )
+    if any(r.get("sharpness") for r in runs):
+        figures["Sharpness during training"] = ("sharpness", sharpness_figure(results))
+    return figures

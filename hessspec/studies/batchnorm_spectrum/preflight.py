@@ -19,7 +19,7 @@ from hessspec.studies.batchnorm_spectrum.setup import Network, StudySetup, analy
 
 if TYPE_CHECKING:
     from hessspec.linalg.memory import MemoryEstimate
-    from hessspec.studies.batchnorm_spectrum.analyzer import StudySettings
+    from hessspec.studies.batchnorm_spectrum.settings import StudySettings
 
 __all__ = ["MemoryPreflight", "memory_options", "memory_preflight"]
 

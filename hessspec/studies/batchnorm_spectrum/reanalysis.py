@@ -159,7 +159,8 @@ def analyze_run(
         out_dir: the folder to write (results.json, spectra.npz, figures, report.md,
             config.toml; no checkpoints).
         run_dir: a run folder: every network's checkpoints at the run's analysis steps
-            (``steps`` to choose some) are analysed; the loss curves are the run's.
+            (``steps`` to choose some) are analysed; the loss curves and the sharpness are
+            the run's.
         params_file: instead of ``run_dir``: an ``.npz`` or orbax folder of the parameters
             of the config's single network
             (:func:`hessspec.studies.common.params_file.load_params`), recorded as step 0.
@@ -206,9 +207,28 @@ def analyze_run(
                 analyses.analyse(net, step, model, net.modes)
             if run_dir is not None:
                 losses = load_checkpoint(run_dir, network=net.name).loss_curve  # the latest
+                sharpness = _recorded_sharpness(run_dir).get(net.name, [])
                 for run_id in analyses.run_ids[net.name].values():
                     writer.set_loss_curve(run_id, np.arange(1, losses.size + 1), losses)
+                    writer.set_sharpness(run_id, sharpness)
     return writer.results
+
+
+def _recorded_sharpness(run_dir: Path) -> dict[str, list]:
+    """``{network: sharpness entries}`` the run in ``run_dir`` recorded during its training
+    (its results.json; empty when it has none or cannot be read)."""
+    from hessspec.studies.batchnorm_spectrum.results import load_results
+
+    try:
+        runs = load_results(run_dir)[0]["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {}
+    for run in runs:
+        mode = run.get("bn_mode")
+        network = run["name"][: -len(mode) - 1] if mode else run["name"]
+        out.setdefault(network, run.get("sharpness") or [])
+    return out
 
 
 def reanalyze(

@@ -16,6 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from hessspec.studies.batchnorm_spectrum.report_sections import (
+    per_layer_lines,
+    run_label,
+    sharpness_lines,
+)
 from hessspec.studies.batchnorm_spectrum.results import load_results
 from hessspec.studies.common.formatting import fmt, md_table
 from hessspec.studies.common.runfolder import atomic_write_bytes, atomic_write_text
@@ -30,8 +35,8 @@ __all__ = [
 
 FIGURES_DIR = "figures"
 
-#: Ghorbani et al.'s effect, as this project states it: without BN the outlier ratio is at
-#: least this many times larger ...
+#: Ghorbani et al.'s effect, as this project states it: without BN the headline ratio
+#: lambda_1 / lambda_{K+1} is at least this many times larger ...
 EFFECT_RATIO = 3
 #: ... and at least this much more of the gradient lies in the top-K eigenspace.
 EFFECT_ENERGY = 0.3
@@ -59,6 +64,7 @@ def _compare(plain: Mapping[str, Any], bn_run: Mapping[str, Any], step: int) -> 
     cb = next(c for c in bn_run["checkpoints"] if c["step"] == step)
     k = int(bn_run.get("num_classes") or 1)
     r_plain, r_bn = cp.get("outlier_ratio"), cb.get("outlier_ratio")
+    h_plain, h_bn = cp.get("headline_ratio"), cb.get("headline_ratio")
     e_plain = _at(cp.get("gradient_energy_full"), k - 1)
     e_bn = _at(cb.get("gradient_energy_full"), k - 1)
     both = e_plain is not None and e_bn is not None
@@ -69,6 +75,9 @@ def _compare(plain: Mapping[str, Any], bn_run: Mapping[str, Any], step: int) -> 
         "bn_mode": bn_run.get("bn_mode"),
         "step": step,
         "num_classes": k,
+        "headline_ratio_plain": h_plain,
+        "headline_ratio_bn": h_bn,
+        "headline_ratio_quotient": (h_plain / h_bn) if h_plain and h_bn else None,
         "outlier_ratio_plain": r_plain,
         "outlier_ratio_bn": r_bn,
         "outlier_ratio_quotient": (r_plain / r_bn) if r_plain and r_bn else None,
@@ -82,13 +91,16 @@ def _compare(plain: Mapping[str, Any], bn_run: Mapping[str, Any], step: int) -> 
 
 def findings(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Compare, at the last common checkpoint, every BN run with the run without BN of the
-    same model: outlier ratios (lambda_1 / bulk edge) and their quotient
-    ``plain / bn``, and the full-batch gradient energy in the top-``K`` eigenspace
-    (``gradient_energy_full[K - 1]``) and its difference ``plain - bn``.
+    same model: the headline ratios ``lambda_1 / lambda_{K+1}`` and their quotient
+    ``plain / bn`` (the headline: one definition for every run), the gap-based outlier
+    ratios (lambda_1 / bulk edge) and their quotient, and the full-batch gradient energy in
+    the top-``K`` eigenspace (``gradient_energy_full[K - 1]``) and its difference
+    ``plain - bn``.
 
     Returns:
         One dict per BN run with a no-BN partner: ``model``, ``bn_run``, ``plain_run``,
-        ``bn_mode``, ``step``, ``outlier_ratio_plain``, ``outlier_ratio_bn``,
+        ``bn_mode``, ``step``, ``headline_ratio_plain``, ``headline_ratio_bn``,
+        ``headline_ratio_quotient``, ``outlier_ratio_plain``, ``outlier_ratio_bn``,
         ``outlier_ratio_quotient``, ``energy_topK_plain``, ``energy_topK_bn``,
         ``energy_topK_difference``, ``minibatch_energy_topK_plain``,
         ``minibatch_energy_topK_bn``, ``num_classes`` (all numbers as measured).
@@ -111,16 +123,17 @@ def findings(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def summary_text(results: Mapping[str, Any], out_dir: Path) -> str:
     """The lines the command prints when a run ends: status, time, folder, and per finding
-    the outlier ratios and top-K gradient energies with and without BN."""
+    the headline ratios lambda_1 / lambda_{K+1} and top-K gradient energies with and
+    without BN."""
     lines = [
         f"hessspec: study {results.get('status')} in "
         f"{results['timing']['seconds_total']:.1f} s; output in {out_dir}/"
     ]
     for f in findings(results):
-        q, d = f["outlier_ratio_quotient"], f["energy_topK_difference"]
+        q, d = f["headline_ratio_quotient"], f["energy_topK_difference"]
         lines.append(
-            f"  step {f['step']}: outlier ratio {f['outlier_ratio_plain']:.3g} without BN vs "
-            f"{f['outlier_ratio_bn']:.3g} with BN ({f['bn_mode']} mode)"
+            f"  step {f['step']}: λ1/λ{f['num_classes'] + 1} {fmt(f['headline_ratio_plain'])} "
+            f"without BN vs {fmt(f['headline_ratio_bn'])} with BN ({f['bn_mode']} mode)"
             + (f", {q:.3g}x" if q is not None else "")
             + f"; top-{f['num_classes']} gradient energy {f['energy_topK_plain']:.3g} vs "
             f"{f['energy_topK_bn']:.3g}" + (f" (difference {d:.3g})" if d is not None else "")
@@ -134,18 +147,12 @@ def summary_text(results: Mapping[str, Any], out_dir: Path) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _run_label(run: Mapping[str, Any]) -> str:
-    if run.get("bn_mode"):
-        return f"{run['name']} (BN, {run['bn_mode']} mode)"
-    return f"{run['name']} (no BN)"
-
-
 def _last_checkpoint_table(results: Mapping[str, Any]) -> list[str]:
     """One row per run: its numbers at its last checkpoint."""
     header = [
-        "run", "step", "params", "λ1", "bulk edge", "outliers (K)", "λ1/bulk edge", "λ1/λK",
-        "trace", "energy top-K (full)", "energy top-K (mini-batch)", "max rel. residual",
-        "train loss", "test acc.",
+        "run", "step", "params", "λ1", "λ1/λK+1 (headline)", "bulk edge", "outliers (K)",
+        "λ1/bulk edge", "λ1/λK", "trace", "energy top-K (full)", "energy top-K (mini-batch)",
+        "max rel. residual", "train loss", "test acc.",
     ]  # fmt: skip
     rows = []
     for run in results.get("runs", []):
@@ -159,8 +166,9 @@ def _last_checkpoint_table(results: Mapping[str, Any]) -> list[str]:
         mb_std = _at(c.get("gradient_energy_minibatch_std"), k - 1)
         rows.append(
             [
-                _run_label(run), fmt(c["step"]), fmt(run.get("num_params")), fmt(lam[0]),
-                fmt(c.get("bulk_edge")), f"{fmt(c.get('num_outliers'))} ({k})",
+                run_label(run), fmt(c["step"]), fmt(run.get("num_params")), fmt(lam[0]),
+                fmt(c.get("headline_ratio")), fmt(c.get("bulk_edge")),
+                f"{fmt(c.get('num_outliers'))} ({k})",
                 fmt(c.get("outlier_ratio")), fmt(c.get("lambda1_over_lambdaK")),
                 f"{fmt(c.get('trace'))} ± {fmt(c.get('trace_stderr'), 2)}",
                 fmt(_at(c.get("gradient_energy_full"), k - 1)),
@@ -175,14 +183,16 @@ def _over_training_table(run: Mapping[str, Any]) -> list[str]:
     """One row per checkpoint of ``run``."""
     k = int(run.get("num_classes") or 1)
     header = [
-        "step", "train loss", "test acc.", "λ1", "outliers", "λ1/bulk edge", "λ1/λK",
-        "energy top-K (full)", "energy top-K (mini-batch)", "density σ",
+        "step", "train loss", "test acc.", "λ1", "λ1/λK+1 (headline)", "outliers",
+        "λ1/bulk edge", "λ1/λK", "top-K overlap with previous", "energy top-K (full)",
+        "energy top-K (mini-batch)", "density σ",
     ]  # fmt: skip
     rows = [
         [
             fmt(c["step"]), fmt(c.get("train_loss")), fmt(c.get("test_accuracy")),
-            fmt((c.get("top_eigenvalues") or [None])[0]), fmt(c.get("num_outliers")),
-            fmt(c.get("outlier_ratio")), fmt(c.get("lambda1_over_lambdaK")),
+            fmt((c.get("top_eigenvalues") or [None])[0]), fmt(c.get("headline_ratio")),
+            fmt(c.get("num_outliers")), fmt(c.get("outlier_ratio")),
+            fmt(c.get("lambda1_over_lambdaK")), fmt(c.get("top_k_overlap_with_previous")),
             fmt(_at(c.get("gradient_energy_full"), k - 1)),
             fmt(_at(c.get("gradient_energy_minibatch_mean"), k - 1)),
             fmt(c.get("density_sigma"), 2),
@@ -232,17 +242,8 @@ def _setting_lines(results: Mapping[str, Any]) -> list[str]:
         f"momentum {t.get('momentum')}, batch {t.get('batch_size')}, weight decay "
         f"{t.get('weight_decay')}) for {t.get('steps')} steps, seed {cfg.get('seed')}; "
         f"analysed at steps {results.get('checkpoint_steps')}.",
-        f"- Per checkpoint: top {s.get('top_k')} eigenpairs (Lanczos, residuals computed), "
-        f"SLQ density with {s.get('slq_probes')} probes × {s.get('slq_steps')} steps, "
-        f"{s.get('trace_method')} trace with {s.get('trace_matvecs')} matvecs, gradient "
-        f"energy of the full-batch gradient and of {s.get('num_minibatches')} mini-batch "
-        f"gradients ({s.get('minibatch_size')} examples each).",
-        "- Outliers: eigenvalues above the largest relative gap among the top eigenvalues; "
-        "bulk edge = the largest eigenvalue that is not an outlier; outlier ratio = "
-        "λ1 / bulk edge; K = number of classes is the reference count (Papyan).",
-        "- Density smoothing: Gaussian kernel of standard deviation σ = "
-        "sqrt(1e-5 · max(1, λmax − λmin)) (Ghorbani et al. 2019), per checkpoint; the σ used "
-        "is listed in the tables below.",
+        _weight_decay_line(t, s),
+        *_measurement_lines(s, int(data.get("num_classes") or 1)),
     ]
     if timing:
         lines.append(
@@ -253,15 +254,79 @@ def _setting_lines(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _weight_decay_line(t: Mapping[str, Any], s: Mapping[str, Any]) -> str:
+    """Whether the analysed objective carries the training's weight decay, and its value."""
+    wd, included = t.get("weight_decay") or 0, s.get("weight_decay") or 0
+    if not wd:
+        return "- Weight decay: none in the training, none in the analysed objective."
+    if included:
+        return (
+            f"- Weight decay: included — the analysed objective is the mean loss + "
+            f"(wd/2)·‖w‖² with wd = {fmt(included)} on every parameter, as SGD descends it "
+            "(optax add_decayed_weights): Hessian + wd·I, gradients + wd·w; the train and "
+            "test losses are the data loss alone."
+        )
+    if t.get("optimizer") == "adam":
+        return (
+            f"- Weight decay: not included — {fmt(wd)} is Adam's decoupled decay (AdamW), "
+            "no term of the loss; the analysed objective is the mean loss alone."
+        )
+    return (
+        f"- Weight decay: not included (analysis.include_weight_decay = false) — the "
+        f"analysed objective is the mean loss alone; the training descended it + "
+        f"(wd/2)·‖w‖² with wd = {fmt(wd)}, whose Hessian is {fmt(wd)} larger in every "
+        "eigenvalue."
+    )
+
+
+def _measurement_lines(s: Mapping[str, Any], k: int) -> list[str]:
+    """What each checkpoint measures, and the definitions of the numbers."""
+    lines = [
+        f"- Per checkpoint: top {s.get('top_k')} eigenpairs (Lanczos, residuals computed), "
+        f"SLQ density with {s.get('slq_probes')} probes × {s.get('slq_steps')} steps, "
+        f"{s.get('trace_method')} trace with {s.get('trace_matvecs')} matvecs, gradient "
+        f"energy of the full-batch gradient and of {s.get('num_minibatches')} mini-batch "
+        f"gradients ({s.get('minibatch_size')} examples each).",
+        f"- Headline ratio: λ1/λK+1 = λ1/λ{k + 1}, K = {k} the number of classes (Papyan: "
+        "about K outliers above the bulk), from the top eigenvalues — one definition for "
+        "every run and checkpoint.",
+        "- Outliers (extra columns): eigenvalues above the largest relative gap among the top "
+        "eigenvalues; bulk edge = the largest eigenvalue that is not an outlier; outlier "
+        "ratio = λ1 / bulk edge; K is the reference count.",
+        f"- Top-K overlap with previous: ‖Q_prevᵀ Q‖²_F / K between the top-{k} eigenvectors "
+        "of a checkpoint and of the run's previous checkpoint (Gur-Ari et al. 2018; 1: the "
+        "same subspace).",
+    ]
+    if s.get("per_layer"):
+        lines.append(
+            "- Per-layer spectra: one block of the Hessian per layer (its kernel and bias with "
+            "the scale and shift of the BatchNorm after it), each block's top "
+            f"{s.get('per_layer_top_k')} eigenpairs, SLQ density with "
+            f"{s.get('per_layer_slq_probes')} probes × {s.get('per_layer_slq_steps')} steps "
+            f"and Hutch++ trace with {s.get('per_layer_trace_matvecs')} matvecs; a layer's "
+            "share is its trace over the sum of the layers' traces (the trace of the whole "
+            "Hessian)."
+        )
+    lines.append(
+        "- Density smoothing: Gaussian kernel of standard deviation σ = "
+        "sqrt(1e-5 · max(1, λmax − λmin)) (Ghorbani et al. 2019), per checkpoint; the σ used "
+        "is listed in the tables below."
+    )
+    return lines
+
+
 def _finding_lines(f: Mapping[str, Any]) -> list[str]:
     """One finding (:func:`findings`) in words, with the verdict on Ghorbani et al.'s
     effect when both numbers were measured."""
-    k, q, d = f["num_classes"], f["outlier_ratio_quotient"], f["energy_topK_difference"]
+    k, q, d = f["num_classes"], f["headline_ratio_quotient"], f["energy_topK_difference"]
     lines = [
         f"- **{f['model']} without BN vs with BN ({f['bn_mode']} mode), step {f['step']}.** "
-        f"Outlier ratio λ1/bulk edge: {fmt(f['outlier_ratio_plain'])} without BN, "
-        f"{fmt(f['outlier_ratio_bn'])} with BN"
+        f"Headline ratio λ1/λ{k + 1}: {fmt(f['headline_ratio_plain'])} without BN, "
+        f"{fmt(f['headline_ratio_bn'])} with BN"
         + (f" — {fmt(q)} times larger without BN." if q is not None else ".")
+        + f" (Gap-based outlier ratio λ1/bulk edge: {fmt(f['outlier_ratio_plain'])} vs "
+        f"{fmt(f['outlier_ratio_bn'])}"
+        + (f", {fmt(r)} times.)" if (r := f["outlier_ratio_quotient"]) is not None else ".)")
         + f" Fraction of the full-batch gradient in the top-{k} eigenspace: "
         f"{fmt(f['energy_topK_plain'])} without BN, {fmt(f['energy_topK_bn'])} with BN"
         + (f" (difference {fmt(d)})." if d is not None else ".")
@@ -272,15 +337,16 @@ def _finding_lines(f: Mapping[str, Any]) -> list[str]:
         verdict = "shows" if q >= EFFECT_RATIO and d >= EFFECT_ENERGY else "does not show"
         lines.append(
             f"  This run {verdict} Ghorbani et al.'s effect at the thresholds of this "
-            f"project (outlier ratio at least {EFFECT_RATIO} times larger and at least "
-            f"{EFFECT_ENERGY} more gradient energy in the top-{k} eigenspace without BN): "
+            f"project (headline ratio λ1/λ{k + 1} at least {EFFECT_RATIO} times larger and "
+            f"at least {EFFECT_ENERGY} more gradient energy in the top-{k} eigenspace without BN): "
             f"measured {fmt(q)} times and {fmt(d)}."
         )
     return lines
 
 
 def render_report(results: Mapping[str, Any], figures: Mapping[str, str]) -> str:
-    """report.md: the setting, the findings with the measured numbers, per-run tables over
+    """report.md: the setting, the findings with the measured numbers, the last checkpoint's
+    table, the per-layer table and the sharpness (when measured), per-run tables over
     training, and the figures (``figures`` maps a caption to a path relative to the
     output folder)."""
     lines = _status_lines(results) + _setting_lines(results) + ["", "## Findings", ""]
@@ -293,8 +359,9 @@ def render_report(results: Mapping[str, Any], figures: Mapping[str, str]) -> str
     for f in found:
         lines += _finding_lines(f)
     lines += ["", "## At the last checkpoint", "", *_last_checkpoint_table(results)]
+    lines += per_layer_lines(results) + sharpness_lines(results)
     for run in results.get("runs", []):
-        lines += ["", f"## {_run_label(run)} over training", "", *_over_training_table(run)]
+        lines += ["", f"## {run_label(run)} over training", "", *_over_training_table(run)]
         warn = [w for c in run.get("checkpoints", []) for w in c.get("warnings", [])]
         if warn:
             lines += ["", "Lanczos convergence notes:", ""] + [f"- {w}" for w in warn]

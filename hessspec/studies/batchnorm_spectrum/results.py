@@ -17,23 +17,51 @@ with ``/``).
                "bn_mode": "train" | "eval" | "population" | null,
                "num_params": int, "num_classes": int,
                "loss_curve": {"step": [...], "loss": [...]},
+               "stability_threshold": float | null,
+               "sharpness": [{"step": int, "lambda_max": float}, ...],
                "checkpoints": [{"step": int, "train_loss": float, "test_accuracy": float,
                                 "top_eigenvalues": [...largest first], "residuals": [...],
-                                "trace": float, "num_outliers": int, "bulk_edge": float,
+                                "trace": float, "headline_ratio": float | null,
+                                "num_outliers": int, "bulk_edge": float,
                                 "outlier_ratio": float, "lambda1_over_lambdaK": float,
                                 "gradient_energy_full": [k = 1..2K],
                                 "gradient_energy_minibatch_mean": [...],
                                 "gradient_energy_minibatch_std": [...],
+                                "top_k_overlap_with_previous": float | null,
+                                "per_layer": {...} (with analysis.per_layer),
                                 "density_sigma": float, ...}]}],
      "sessions": [{"started": str, "command": str, "resumed": bool,
                    "trained": {network: [first step, last step]}, "status": str}],
      "files": [...], "timing": {...}}
 
+The entries issue 13 added:
+
+- ``headline_ratio``: ``lambda_1 / lambda_{K+1}`` of the checkpoint's top eigenvalues, K the
+  number of classes (null when ``lambda_{K+1} <= 0``): the one outlier measure that the
+  report's headline, the findings and the outlier-ratio figure use for every run and
+  checkpoint. The gap-based ``num_outliers``, ``bulk_edge`` and ``outlier_ratio`` (lambda_1 /
+  bulk edge) stay beside it.
+- ``top_k_overlap_with_previous``: ``||Q_prev^T Q||_F^2 / K`` between the top-K eigenvectors
+  (K = number of classes, float32 as stored in spectra.npz) of this checkpoint and of the
+  run's previous one (Gur-Ari et al. 2018); null at the first checkpoint
+  (:class:`~hessspec.studies.batchnorm_spectrum.tracking.SubspaceOverlaps`).
+- ``per_layer`` (when ``analysis.per_layer``): ``names``, ``sizes``, ``parameters`` (the
+  paths of each block), ``top_eigenvalues`` and ``residuals`` (per block, largest first),
+  ``traces``, ``trace_stderrs``, ``js_distances`` (``B x B`` Jensen-Shannon distances between
+  the block densities), ``density_sigma``
+  (:func:`~hessspec.studies.batchnorm_spectrum.layers.measure_layers`).
+- per run, ``sharpness``: ``lambda_max`` of the training objective every
+  ``train.track_sharpness_every`` steps (empty when off), and ``stability_threshold``:
+  ``2 / lr`` (``(2 + 2 momentum) / lr`` with momentum) for SGD, null for Adam and Nesterov.
+- ``settings.weight_decay``: the ``wd`` of the L2 term ``(wd / 2) ||w||^2`` in the analysed
+  objective (0 when not included).
+
 Non-finite numbers are written as ``null`` (:func:`hessspec.studies.common.jsonio.jsonable`).
 ``spectra.npz`` holds, per run and checkpoint, the arrays named
 ``"<run>/step<step>/<array>"`` (``nodes``, ``weights``, ``eigenvalues``, ``residuals``,
-``eigenvectors``, ``density_grid``, ``density``, ``gradient_energy_minibatch``);
-:func:`spectra_key` builds the names.
+``eigenvectors``, ``density_grid``, ``density``, ``gradient_energy_minibatch``, and with
+per-layer spectra ``layer_density_grid``, ``layer_densities`` ``(B, G)``, ``layer<i>_nodes``,
+``layer<i>_weights``); :func:`spectra_key` builds the names.
 """
 
 from __future__ import annotations
@@ -47,6 +75,11 @@ from typing import Any
 
 import numpy as np
 
+from hessspec.studies.batchnorm_spectrum.schema import (
+    RESULTS_SCHEMA,
+    compare_results,
+    validate_results,
+)
 from hessspec.studies.common.jsonio import jsonable
 from hessspec.studies.common.runfolder import (
     OutputFolderError,
@@ -184,13 +217,15 @@ class ResultsWriter:
 
     def add_run(self, run: Mapping[str, Any]) -> int:
         """Append a run (``name``, ``batchnorm``, ``bn_mode``, ...); returns its index (an
-        existing run of the same name is kept, its entries updated)."""
+        existing run of the same name is kept, its entries updated but for its checkpoints,
+        loss curve and sharpness)."""
         with self.lock:
             entry = jsonable(dict(run))
             index = self.run_index(entry["name"])
             if index is not None:
+                kept = ("checkpoints", "loss_curve", "sharpness")
                 self.results["runs"][index].update(
-                    {k: v for k, v in entry.items() if k not in ("checkpoints", "loss_curve")}
+                    {k: v for k, v in entry.items() if k not in kept}
                 )
                 return index
             entry["checkpoints"] = []
@@ -237,6 +272,16 @@ class ResultsWriter:
                 "step": steps.tolist(),
                 "loss": jsonable(losses),
             }
+            if write:
+                self.write_json()
+
+    def set_sharpness(self, run_index: int, entries: Any, *, write: bool = True) -> None:
+        """Store a run's sharpness, ``[{"step", "lambda_max"}, ...]`` by step; write unless
+        ``write`` is False."""
+        with self.lock:
+            self.results["runs"][run_index]["sharpness"] = jsonable(
+                sorted((dict(e) for e in entries), key=lambda e: e["step"])
+            )
             if write:
                 self.write_json()
 
@@ -306,168 +351,3 @@ def load_results(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, np.ndar
         with np.load(out_dir / "spectra.npz") as z:
             spectra = {k: z[k] for k in z.files}
     return results, spectra
-
-
-#: Entries of a checkpoint record that measure time, not the network (left out by
-#: :func:`compare_results`).
-_TIMING_KEYS = frozenset({"seconds"})
-
-
-def compare_results(a: Mapping[str, Any], b: Mapping[str, Any], *, rtol: float = 1e-6) -> list[str]:
-    """Where two results differ in what they measured: every run's loss curve and every
-    number of every checkpoint (timings left out), compared to ``rtol`` relative
-    (``|x - y| <= rtol * max(|x|, |y|)``; nulls must match).
-
-    Returns:
-        One line per difference (empty: the same results), e.g.
-        ``"mlp step 250 top_eigenvalues[3]: 1.2345 vs 1.2346"``.
-    """
-    problems: list[str] = []
-
-    def close(x, y) -> bool:
-        if x is None or y is None:
-            return x is y
-        return abs(x - y) <= rtol * max(abs(x), abs(y))
-
-    def walk(x, y, where):
-        if isinstance(x, Mapping) and isinstance(y, Mapping):
-            for k in sorted(set(x) | set(y)):
-                if k in _TIMING_KEYS:
-                    continue
-                if k not in x or k not in y:
-                    problems.append(
-                        f"{where} {k}: only in {'the first' if k in x else 'the second'}"
-                    )
-                else:
-                    walk(x[k], y[k], f"{where} {k}")
-        elif isinstance(x, list) and isinstance(y, list):
-            if len(x) != len(y):
-                problems.append(f"{where}: {len(x)} vs {len(y)} entries")
-                return
-            for i, (u, v) in enumerate(zip(x, y, strict=True)):
-                walk(u, v, f"{where}[{i}]")
-        elif isinstance(x, bool) or isinstance(y, bool) or isinstance(x, str):
-            if x != y:
-                problems.append(f"{where}: {x!r} vs {y!r}")
-        elif isinstance(x, int | float | None) and isinstance(y, int | float | None):
-            if not close(x, y):
-                problems.append(f"{where}: {x!r} vs {y!r}")
-        elif x != y:
-            problems.append(f"{where}: {x!r} vs {y!r}")
-
-    runs_a = {r["name"]: r for r in a.get("runs", [])}
-    runs_b = {r["name"]: r for r in b.get("runs", [])}
-    if set(runs_a) != set(runs_b):
-        problems.append(f"runs: {sorted(runs_a)} vs {sorted(runs_b)}")
-    for name in sorted(set(runs_a) & set(runs_b)):
-        ra, rb = runs_a[name], runs_b[name]
-        walk(ra.get("loss_curve"), rb.get("loss_curve"), f"{name} loss_curve")
-        steps_a = {c["step"]: c for c in ra.get("checkpoints", [])}
-        steps_b = {c["step"]: c for c in rb.get("checkpoints", [])}
-        if set(steps_a) != set(steps_b):
-            problems.append(f"{name} checkpoints: {sorted(steps_a)} vs {sorted(steps_b)}")
-        for step in sorted(set(steps_a) & set(steps_b)):
-            walk(steps_a[step], steps_b[step], f"{name} step {step}")
-    return problems
-
-
-# --------------------------------------------------------------------------------------
-# Schema
-# --------------------------------------------------------------------------------------
-
-_NUM = (int, float)
-_OPT_NUM = (int, float, type(None))
-
-#: Required keys and their JSON types: top level, each run, each checkpoint.
-RESULTS_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
-    "top": {"hessspec_version": (str,), "config": (dict,), "runs": (list,), "status": (str,)},
-    "run": {
-        "name": (str,),
-        "batchnorm": (bool,),
-        "bn_mode": (str, type(None)),
-        "num_params": (int,),
-        "num_classes": (int,),
-        "checkpoints": (list,),
-    },
-    "checkpoint": {
-        "step": (int,),
-        "train_loss": _OPT_NUM,
-        "test_accuracy": _OPT_NUM,
-        "top_eigenvalues": (list,),
-        "residuals": (list,),
-        "trace": _OPT_NUM,
-        "num_outliers": (int,),
-        "bulk_edge": _OPT_NUM,
-        "outlier_ratio": _OPT_NUM,
-        "gradient_energy_full": (list,),
-        "gradient_energy_minibatch_mean": (list,),
-        "gradient_energy_minibatch_std": (list,),
-    },
-}
-
-
-def _check_keys(obj: Any, kind: str, where: str, problems: list[str]) -> bool:
-    if not isinstance(obj, dict):
-        problems.append(f"{where}: expected an object, got {type(obj).__name__}")
-        return False
-    for key, types in RESULTS_SCHEMA[kind].items():
-        if key not in obj:
-            problems.append(f"{where}: missing key {key!r}")
-        elif isinstance(obj[key], bool) and bool not in types:
-            problems.append(f"{where}.{key}: expected {types}, got a boolean")
-        elif not isinstance(obj[key], types):
-            problems.append(f"{where}.{key}: expected {types}, got {type(obj[key]).__name__}")
-    return True
-
-
-def validate_results(results: Mapping[str, Any]) -> list[str]:
-    """Problems of a results.json document against :data:`RESULTS_SCHEMA` (empty: valid).
-
-    Besides the keys and types: ``bn_mode`` is null exactly for runs without BatchNorm and
-    one of train/eval/population otherwise; top eigenvalues are sorted largest first and
-    have one residual each; the gradient-energy lists have one entry per eigenvalue, lie in
-    ``[0, 1]`` and are non-decreasing (full batch and mini-batch mean).
-    """
-    problems: list[str] = []
-    if not _check_keys(results, "top", "results", problems):
-        return problems
-    for i, run in enumerate(results.get("runs", [])):
-        where = f"runs[{i}]"
-        if not _check_keys(run, "run", where, problems):
-            continue
-        mode = run.get("bn_mode")
-        if run.get("batchnorm") is True and mode not in ("train", "eval", "population"):
-            problems.append(f"{where}.bn_mode: a BN run needs train/eval/population, got {mode!r}")
-        if run.get("batchnorm") is False and mode is not None:
-            problems.append(f"{where}.bn_mode: a run without BN needs null, got {mode!r}")
-        for j, ck in enumerate(run.get("checkpoints", [])):
-            cw = f"{where}.checkpoints[{j}]"
-            if not _check_keys(ck, "checkpoint", cw, problems):
-                continue
-            lam = ck.get("top_eigenvalues") or []
-            if not all(isinstance(v, _NUM) for v in lam):
-                problems.append(f"{cw}.top_eigenvalues: non-numeric entries")
-                continue
-            if any(a < b for a, b in zip(lam, lam[1:], strict=False)):
-                problems.append(f"{cw}.top_eigenvalues: not sorted largest first")
-            if len(ck.get("residuals") or []) != len(lam):
-                problems.append(f"{cw}.residuals: {len(ck['residuals'])} for {len(lam)} values")
-            for key in (
-                "gradient_energy_full",
-                "gradient_energy_minibatch_mean",
-                "gradient_energy_minibatch_std",
-            ):
-                vals = ck.get(key) or []
-                if len(vals) != len(lam):
-                    problems.append(f"{cw}.{key}: {len(vals)} entries for {len(lam)} eigenvalues")
-                    continue
-                if not all(isinstance(v, _NUM) for v in vals):
-                    problems.append(f"{cw}.{key}: non-numeric entries")
-                    continue
-                if key == "gradient_energy_minibatch_std":
-                    continue
-                if any(v < -1e-9 or v > 1 + 1e-9 for v in vals):
-                    problems.append(f"{cw}.{key}: entries outside [0, 1]")
-                if any(b < a - 1e-9 for a, b in zip(vals, vals[1:], strict=False)):
-                    problems.append(f"{cw}.{key}: not non-decreasing in k")
-    return problems

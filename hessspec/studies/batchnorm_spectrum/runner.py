@@ -22,6 +22,7 @@ from hessspec.studies.batchnorm_spectrum.session import (
     results_header,
 )
 from hessspec.studies.batchnorm_spectrum.setup import Network, StudySetup
+from hessspec.studies.batchnorm_spectrum.tracking import sharpness_tracking
 from hessspec.studies.common.checkpoint import (
     CHECKPOINTS_DIR,
     checkpoint_path,
@@ -121,9 +122,9 @@ def _open_results(
 
 
 class _ProgressRecord:
-    """Copies the loss curves, the sessions' trained steps and the timing into the results
-    (in memory); a curve restored from a checkpoint carries the training time of earlier
-    sessions."""
+    """Copies the loss curves, the sharpness, the sessions' trained steps and the timing
+    into the results (in memory); a curve restored from a checkpoint carries the training
+    time of earlier sessions."""
 
     def __init__(self, setup: StudySetup, session: Session, previous_timing: dict, t_start):
         self.setup = setup
@@ -141,6 +142,8 @@ class _ProgressRecord:
             losses = curve.losses() if from_device else curve.host_losses()
             for run_id in run_ids.get(net.name, {}).values():
                 writer.set_loss_curve(run_id, np.arange(1, losses.size + 1), losses, write=False)
+                if net.name in tracker.sharpness:
+                    writer.set_sharpness(run_id, tracker.sharpness[net.name], write=False)
             self.session.entry["trained"][net.name] = [tracker.started[net.name], losses.size]
         by_network = dict(self.previous.get("seconds_training_by_network", {}))
         by_network.update({n: c.seconds for n, c in tracker.curves.items()})
@@ -165,6 +168,21 @@ def _start_step(needed: dict[int, Any], saved: dict[int, Any]) -> int | None:
     if without_state:
         start = max((s for s in saved if s <= min(without_state)), default=None)
     return start
+
+
+def _sharpness_tracking(session: Session, net: Network, *, start: int):
+    """The sharpness tracking of ``net``'s training from ``start`` (None when off); its
+    entries, those of earlier sessions first, go to the session's tracker."""
+    analyses = session.analyses
+    first_run = next(iter(analyses.run_ids[net.name].values()))
+    earlier = session.writer.results["runs"][first_run].get("sharpness") or []
+    weight_decay = analyses.settings[net.name].weight_decay
+    tracking = sharpness_tracking(
+        analyses.setup, net, weight_decay=weight_decay, start=start, earlier=earlier
+    )
+    if tracking is not None:
+        session.tracker.sharpness[net.name] = tracking.entries
+    return tracking
 
 
 def _train_and_analyse(
@@ -195,6 +213,7 @@ def _train_and_analyse(
         analyses.analyse(net, step, store.load(net, step).model(), needed[step])
     tracker.curves[net.name] = curve = LossCurve()
     tracker.started[net.name] = int(start or 0)
+    sharpness = _sharpness_tracking(session, net, start=int(start or 0))
     tracker.phase = "training"
 
     def on_checkpoint(step, model, status):
@@ -222,6 +241,8 @@ def _train_and_analyse(
         resume_from=state,
         on_save=on_save,
         curve=curve,
+        observe=sharpness.observe if sharpness else None,
+        observe_at=sharpness.steps if sharpness else (),
     )
     record(from_device=True)
     session.writer.write_json()

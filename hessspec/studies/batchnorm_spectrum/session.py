@@ -4,7 +4,8 @@ saved networks. Shared by :func:`hessspec.studies.batchnorm_spectrum.runner.run_
 
 - :func:`new_results`: results.json's header and config.toml of a new run folder;
 - :class:`Analyses`: the networks analysed at checkpoints, one run per network and BN mode,
-  each result recorded as it comes;
+  each result recorded as it comes (with the overlap of its top-K eigenspace with the run's
+  previous checkpoint's);
 - :class:`Session`: the session's entry in results.json, what it is doing (for the record of
   an interruption), and :meth:`Session.recording`, which writes how the session ended,
   results.json always last (:func:`finish`).
@@ -32,11 +33,14 @@ from hessspec.studies.batchnorm_spectrum.setup import (
     analysis_settings,
     run_name,
 )
+from hessspec.studies.batchnorm_spectrum.tracking import (
+    SubspaceOverlaps,
+    stability_threshold_or_none,
+)
 from hessspec.studies.common.interrupts import InterruptGuard
 from hessspec.studies.common.runfolder import OutputWriteError, atomic_write_text
 
 __all__ = [
-    "ANALYSIS_STAGES",
     "Analyses",
     "Session",
     "Tracker",
@@ -46,10 +50,6 @@ __all__ = [
     "print_note",
     "results_header",
 ]
-
-#: The stages :meth:`hessspec.studies.batchnorm_spectrum.analyzer.CheckpointAnalyzer.analyse`
-#: reports, in order.
-ANALYSIS_STAGES = ("hessian", "top eigenpairs", "density", "trace", "gradients", "metrics")
 
 
 def now() -> str:
@@ -120,12 +120,14 @@ def new_results(
 
 
 class Tracker:
-    """What a run is doing (for the record of an interruption) and its loss curves."""
+    """What a run is doing (for the record of an interruption), its loss curves and its
+    sharpness measurements."""
 
     def __init__(self):
         self.phase = "start-up"
         self.curves: dict[str, Any] = {}  # network name -> LossCurve
         self.started: dict[str, int] = {}  # network name -> step this session began at
+        self.sharpness: dict[str, list] = {}  # network name -> [{"step", "lambda_max"}]
 
 
 class Analyses:
@@ -138,6 +140,8 @@ class Analyses:
     Attributes:
         run_ids: ``{network: {mode: index of its run in results.json}}``.
         seconds: time spent analysing in this session.
+        overlaps: the top-K eigenspaces of the previous checkpoints
+            (:class:`~hessspec.studies.batchnorm_spectrum.tracking.SubspaceOverlaps`).
     """
 
     def __init__(self, setup, writer, progress, guard, *, check_memory, tracker):
@@ -153,10 +157,13 @@ class Analyses:
         self.analyzers: dict[tuple[str, str], Any] = {}
         self.run_ids: dict[str, dict[str | None, int]] = {}
         self.seconds = 0.0
+        self.overlaps = SubspaceOverlaps(writer)
 
     def add_runs(self, net: Network) -> dict[str | None, int]:
-        """The results.json runs of ``net`` (one per mode; kept when continuing)."""
+        """The results.json runs of ``net`` (one per mode; kept when continuing, with their
+        checkpoints, loss curve and sharpness)."""
         st = self.settings[net.name]
+        threshold = stability_threshold_or_none(self.config.train)
         ids = {}
         for mode in net.modes:
             ids[mode] = self.writer.add_run(
@@ -168,6 +175,8 @@ class Analyses:
                     "num_params": net.num_params,
                     "num_classes": self.setup.train_set.num_classes,
                     "settings": dataclasses.asdict(st),
+                    "stability_threshold": threshold,
+                    "sharpness": [],
                 }
             )
         self.run_ids[net.name] = ids
@@ -208,6 +217,7 @@ class Analyses:
         import jax
 
         from hessspec.nn.objective import make_objective
+        from hessspec.studies.batchnorm_spectrum.analyzer import analysis_stages
 
         if self.base_key is None:
             self.base_key = jax.random.key(self.config.seed)
@@ -226,22 +236,31 @@ class Analyses:
                 population_batch_size=st.eval_batch_size * 8 if mode == "population" else None,
             )
             analyzer = self._analyzer(net, mode, obj)
-            with self.progress.analysis(f"analysing {label}", len(ANALYSIS_STAGES)) as shown:
+            stages = len(analysis_stages(st.per_layer))
+            with self.progress.analysis(f"analysing {label}", stages) as shown:
                 result = analyzer.analyse(
                     obj,
                     jax.random.fold_in(self.base_key, step),
                     seed=config.seed * 1_000_003 + step,
                     on_stage=shown.stage,
                 )
-            arrays = dict(result.arrays)
-            if not config.analysis.save_eigenvectors:
-                arrays.pop("eigenvectors", None)
-            with self.guard.critical():
-                self.writer.add_checkpoint(
-                    self.run_ids[net.name][mode], step, result.record, arrays
-                )
+            self._record(net, mode, step, result)
         self.seconds += time.perf_counter() - t0
         self.tracker.phase = previous
+
+    def _record(self, net: Network, mode: str | None, step: int, result) -> None:
+        """Record one analysis, with the overlap of its top-K eigenspace (K = number of
+        classes) with the run's previous checkpoint's."""
+        name, k = run_name(net, mode), max(int(self.setup.train_set.num_classes), 1)
+        record = dict(result.record)
+        record["top_k_overlap_with_previous"] = self.overlaps.overlap(
+            name, step, result.arrays.get("eigenvectors"), k
+        )
+        arrays = dict(result.arrays)
+        if not self.config.analysis.save_eigenvectors:
+            arrays.pop("eigenvectors", None)
+        with self.guard.critical():
+            self.writer.add_checkpoint(self.run_ids[net.name][mode], step, record, arrays)
 
 
 class Session:

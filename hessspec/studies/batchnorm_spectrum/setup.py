@@ -16,7 +16,7 @@ from hessspec.studies.batchnorm_spectrum.config import Config, checkpoint_steps
 from hessspec.studies.batchnorm_spectrum.errors import SetupError
 
 if TYPE_CHECKING:
-    from hessspec.studies.batchnorm_spectrum.analyzer import StudySettings
+    from hessspec.studies.batchnorm_spectrum.settings import StudySettings
 
 __all__ = [
     "Network",
@@ -150,7 +150,20 @@ def _analysis_set(config: Config, train_set):
         analysis_set = train_set
     if mb > n:
         raise SetupError(f"analysis.minibatch_size={mb} exceeds the {n} training examples.")
+    _check_top_k(config, train_set.num_classes)
     return analysis_set
+
+
+def _check_top_k(config: Config, num_classes: int) -> None:
+    """The headline ratio ``lambda_1 / lambda_{K+1}`` needs the top ``K + 1`` eigenvalues."""
+    k = max(int(num_classes), 1)
+    top_k = config.analysis.top_k
+    if top_k and top_k < k + 1:
+        raise SetupError(
+            f"analysis.top_k={top_k} is below K + 1 = {k + 1} (K = {k} classes of "
+            f"{config.data.name}): the headline ratio λ1/λ(K+1) needs the top K + 1 "
+            f"eigenvalues; set analysis.top_k to at least {k + 1}, or 0 for 2K = {2 * k}."
+        )
 
 
 def _network(config: Config, train_set, *, batchnorm: bool) -> Network:
@@ -216,9 +229,9 @@ def prepare_study(config: Config) -> StudySetup:
 
 def analysis_settings(setup: StudySetup) -> dict[str, StudySettings]:
     """The resolved analysis settings
-    (:class:`hessspec.studies.batchnorm_spectrum.analyzer.StudySettings`) of every
+    (:class:`hessspec.studies.batchnorm_spectrum.settings.StudySettings`) of every
     network of ``setup``, by network name."""
-    from hessspec.studies.batchnorm_spectrum.analyzer import resolve_settings
+    from hessspec.studies.batchnorm_spectrum.settings import resolve_settings
 
     config, tr, an = setup.config, setup.train_set, setup.analysis_set
     return {
