@@ -94,6 +94,7 @@ class InterruptGuard:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_signum = signal.SIGINT
+        self._redelivery: threading.Timer | None = None
         self._previous_hook = sys.unraisablehook
         self._reacted = threading.Condition()
 
@@ -125,6 +126,7 @@ class InterruptGuard:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         sys.unraisablehook = self._previous_hook
+        self._cancel_redelivery()
         read_fd, write_fd = self._pipe
         self._stopping = True
         os.write(write_fd, b"\x00")  # wakes the watchdog, which then stops
@@ -168,12 +170,26 @@ class InterruptGuard:
             # and dropped: deliver the signal again once that code has returned
             self._deliver_again()
             return
+        self._cancel_redelivery()  # this interrupt is the one a redelivery would raise
         raise KeyboardInterrupt
 
     def _deliver_again(self) -> None:
-        timer = threading.Timer(0.05, os.kill, (os.getpid(), self._last_signum))
-        timer.daemon = True
-        timer.start()
+        """Send the last signal again in 50 ms, once: a redelivery already pending is not
+        doubled, so one Ctrl-C never becomes two."""
+        if self._redelivery is not None and self._redelivery.is_alive():
+            return
+        self._redelivery = threading.Timer(0.05, self._redeliver)
+        self._redelivery.daemon = True
+        self._redelivery.start()
+
+    def _redeliver(self) -> None:
+        if self.installed and not self._stopping:
+            os.kill(os.getpid(), self._last_signum)
+
+    def _cancel_redelivery(self) -> None:
+        if self._redelivery is not None:
+            self._redelivery.cancel()
+            self._redelivery = None
 
     def _unraisable(self, info) -> None:
         """``sys.unraisablehook`` while installed: Python dropped an exception it could not
