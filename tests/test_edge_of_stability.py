@@ -166,3 +166,30 @@ def test_report_states_the_results(small_run):
             assert fmt(run["median_ratio_after"]) in text
     assert set(results["files"]) >= {"figures/sharpness.png", "figures/loss.png", "report.md"}
     assert all((out / name).stat().st_size > 0 for name in results["files"])
+
+
+@pytest.mark.parametrize("flags", [["--no-progress"], []], ids=["no-progress", "not-a-terminal"])
+def test_command_line_logs_one_line_per_run(tmp_path, capsys, flags):
+    """Through ``python -m hessspec.run``, in a log (stderr not a terminal) or with
+    --no-progress: one line per run as it starts, numbered and with the elapsed time, so a
+    batch job shows where it is; the results are those of the runs named."""
+    from hessspec.cli.main import main
+
+    config = tmp_path / "eos.toml"
+    config.write_text(
+        'experiment = "edge_of_stability"\ntrain_size = 60\nhidden = [8]\nsteps = 20\n'
+        "learning_rates = [0.1, 0.2]\nmomentum_learning_rates = [0.1]\nbatchnorm = [false]\n"
+        "track_every = 10\n"
+    )
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "--out", str(out), *flags]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "edge_of_stability " in line]
+    assert len(lines) == 3, lines
+    for i, (line, name) in enumerate(
+        zip(lines, ["lr=0.1 momentum=0", "lr=0.2 momentum=0", "lr=0.1 momentum=0.5"], strict=True)
+    ):
+        assert line.startswith("hessspec [") and line.endswith(
+            f"edge_of_stability {i + 1}/3: {name}"
+        )
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["learning_rate"], r["momentum"]) for r in runs] == [(0.1, 0), (0.2, 0), (0.1, 0.5)]

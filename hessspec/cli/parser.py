@@ -128,8 +128,8 @@ def _common_flags(p: argparse.ArgumentParser) -> None:
         "--no-progress",
         action="store_true",
         help="no progress bars: one log line per tenth of each training (and at least every "
-        "minute) and one per analysis stage, with the elapsed time (also what a run whose "
-        "output is not a terminal prints)",
+        "minute) and one per analysis stage (the other studies: one per part as it starts), "
+        "with the elapsed time (also what a run whose output is not a terminal prints)",
     )
     p.add_argument(
         "--no-compilation-cache",

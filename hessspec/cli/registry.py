@@ -153,7 +153,10 @@ def run_registered_study(name: str, args: argparse.Namespace) -> int:
     with FolderLock(out_dir, command=shlex.join(sys.argv)):
         try:
             study.attribute(study.runner)(
-                config, out_dir, progress=not args.no_progress, overwrite=args.overwrite
+                config,
+                out_dir,
+                progress="lines" if args.no_progress else True,
+                overwrite=args.overwrite,
             )
         except FileExistsError as e:
             raise CLIError(str(e)) from None
