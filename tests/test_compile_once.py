@@ -143,3 +143,36 @@ def test_warm_start_costs_a_few_matvecs(digits):
     ref = np.linalg.eigvalsh(op2.to_dense())[-1]
     assert warm.values[0] == pytest.approx(ref, rel=1e-6) and warm.converged[0]
     assert warm.num_matvecs <= 12 < cold.num_matvecs
+
+
+def test_sharpness_tracking_and_block_operators_compile_once(digits):
+    """Sharpness tracking during training: after the first cold solve and the first warm
+    one, every later measurement (new parameters each time) compiles nothing, and each
+    value is the dense lambda_max. A per-layer block operator (``wrt``) at the next
+    checkpoint compiles nothing either."""
+    from hessspec.nn.sharpness import SharpnessTracker
+
+    model = make_model("mlp", digits.input_shape, 10, True, seed=0, hidden=(8,), dtype=jnp.float64)
+    obj = make_objective(model, bn_mode="train")
+    tracker = SharpnessTracker(obj.loss_fn, digits.batch, batch_size=64, tol=1e-8)
+    checkpoints = [jax.tree.map(lambda a, s=s: a * s, obj.params) for s in (1, 1.01, 1.02, 1.03)]
+    tracker(checkpoints[0])
+    tracker(checkpoints[1])  # the first warm-started solve compiles its own programs
+    for params in checkpoints[2:]:
+        estimate, count = compiles(lambda params=params: tracker(params))
+        assert count == 0, f"a later sharpness measurement compiled {count} programs"
+        dense = hs.hessian_operator(obj.loss_fn, params, digits.batch, 64).to_dense()
+        assert estimate.value == pytest.approx(np.linalg.eigvalsh(dense)[-1], rel=1e-7)
+
+    first_layer = hs.layer_blocks(checkpoints[0])["linears/0"]
+    block = hs.hessian_operator(obj.loss_fn, checkpoints[0], digits.batch, 64, wrt=first_layer)
+    assert 0 < block.dim < hs.hessian_operator(obj.loss_fn, obj.params, digits.batch).dim
+    hs.top_eigenpairs(block, 3)
+    later_layer = hs.layer_blocks(checkpoints[3])["linears/0"]  # made anew, as per checkpoint
+    later, count = compiles(
+        lambda: hs.top_eigenpairs(
+            hs.hessian_operator(obj.loss_fn, checkpoints[3], digits.batch, 64, wrt=later_layer),
+            3,
+        )
+    )
+    assert count == 0, f"the block operator at the next checkpoint compiled {count} programs"
