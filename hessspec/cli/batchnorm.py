@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hessspec.cli.errors import CLIError, error, fail
-from hessspec.nn.progress import Progress
+from hessspec.cli.registry import progress_of
 from hessspec.studies.batchnorm_spectrum.config import (
     Config,
     ConfigError,
@@ -36,11 +36,6 @@ __all__ = ["analyze_cli", "resolve_config", "run_cli_study", "study_command"]
 def _command(argv: Sequence[str]) -> str:
     """The command line as recorded in results.json."""
     return shlex.join(["python", "-m", "hessspec.run", *argv])
-
-
-def _progress(args: argparse.Namespace) -> Progress:
-    """Bars on a terminal, log lines otherwise; log lines only with --no-progress."""
-    return Progress("lines" if args.no_progress else "auto")
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -160,7 +155,7 @@ def run_cli_study(
         results = run_batchnorm_spectrum_study(
             config,
             out_dir,
-            _progress(args),
+            progress_of(args),
             overwrite=args.overwrite,
             resume=bool(getattr(args, "resume", False)),
             command=_command(argv),
@@ -254,7 +249,7 @@ def analyze_cli(args: argparse.Namespace, argv: Sequence[str], guard: InterruptG
             steps=steps,
             overwrite=args.overwrite,
             command=_command(argv),
-            progress=_progress(args),
+            progress=progress_of(args),
             guard=guard,
         )
     except RunInterrupted as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from hessspec.cli.errors import CLIError
+from hessspec.nn.progress import Progress
 from hessspec.studies.common.config import (
     ConfigError,
     apply_overrides,
@@ -30,7 +31,14 @@ from hessspec.studies.common.config import (
 from hessspec.studies.common.interrupts import EXIT_INTERRUPTED
 from hessspec.studies.common.runfolder import FolderLock, RunFolder
 
-__all__ = ["DEFAULT_STUDY", "STUDIES", "RegisteredStudy", "run_registered_study", "study_name"]
+__all__ = [
+    "DEFAULT_STUDY",
+    "STUDIES",
+    "RegisteredStudy",
+    "progress_of",
+    "run_registered_study",
+    "study_name",
+]
 
 
 class RegisteredStudy(NamedTuple):
@@ -126,6 +134,12 @@ def _config(name: str, study: RegisteredStudy, args: argparse.Namespace):
     return config
 
 
+def progress_of(args: argparse.Namespace) -> Progress:
+    """Every study's progress: bars on a terminal, log lines otherwise; log lines only
+    with --no-progress."""
+    return Progress("lines" if args.no_progress else "auto")
+
+
 def run_registered_study(name: str, args: argparse.Namespace) -> int:
     """Run the study ``name`` of :data:`STUDIES` from its config file, with ``--quick``,
     ``--set``, ``--seed``, ``--out``, ``--overwrite`` and ``--show-config``; returns the exit
@@ -155,7 +169,7 @@ def run_registered_study(name: str, args: argparse.Namespace) -> int:
             study.attribute(study.runner)(
                 config,
                 out_dir,
-                progress="lines" if args.no_progress else True,
+                progress=progress_of(args),
                 overwrite=args.overwrite,
             )
         except FileExistsError as e:
