@@ -176,3 +176,4 @@ def test_sharpness_tracking_and_block_operators_compile_once(digits):
         )
     )
     assert count == 0, f"the block operator at the next checkpoint compiled {count} programs"
+    assert np.all(later.converged)

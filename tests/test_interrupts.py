@@ -174,3 +174,22 @@ def test_an_interrupt_in_a_weakref_callback_is_not_lost(no_gc):
             while time.monotonic() < deadline:  # the signal comes again once the
                 time.sleep(0.01)  # callback has returned
     assert ref() is None
+
+
+def test_a_redelivery_is_sent_once(no_gc):
+    """Two drops of the same interrupt (say a gc callback and then the unraisable hook)
+    ask for a redelivery twice: the signal comes again once, so one Ctrl-C stays one
+    KeyboardInterrupt and nothing arrives after the guard is gone."""
+    with InterruptGuard() as guard:
+        guard._deliver_again()
+        guard._deliver_again()
+        with pytest.raises(KeyboardInterrupt):
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        second = False
+        try:
+            time.sleep(0.3)  # a second redelivery would raise KeyboardInterrupt here
+        except KeyboardInterrupt:
+            second = True
+    assert not second and guard.signals == 1
