@@ -18,6 +18,21 @@ from matplotlib.figure import Figure
 
 from hessspec.studies.batchnorm_spectrum.results import spectra_key
 
+
+def _plain_log_y(ax) -> None:
+    """A log y axis labelled in plain numbers (``20``, ``0.5``, not ``2 x 10^1``), with
+    minor labels at 2 and 5 times each power of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    def minor(value: float, _) -> str:
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0
+        return f"{value:g}" if mantissa in (2, 5) else ""
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+
+
 __all__ = [
     "density_figure",
     "draw_all",
@@ -152,7 +167,7 @@ def top_eigenvalues_figure(results: Mapping[str, Any]) -> Figure:
                 alpha=1.0 if i < k else 0.3,
             )
         if all_positive:
-            ax.set_yscale("log")
+            _plain_log_y(ax)
         ax.set_title(run_label(run))
         ax.set_xlabel("training step")
         ax.set_ylabel("eigenvalue")
@@ -186,7 +201,7 @@ def outlier_ratio_figure(results: Mapping[str, Any]) -> Figure:
     """The headline ratio λ1/λK+1 over training, every run (one definition for every run
     and checkpoint; K the number of classes)."""
     fig, ax, k = _over_training(results, "headline_ratio")
-    ax.set_yscale("log")
+    _plain_log_y(ax)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"λ1 / λ{k + 1}")
     ax.set_title(f"Outliers against the bulk over training: λ1/λK+1 (K = {k})")
